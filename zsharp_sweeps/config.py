@@ -1,0 +1,307 @@
+"""Structured-config schemas for every config group, and their validation.
+
+Why dataclasses: Hydra composes YAML from ``conf/``; merging the result onto these
+schemas (``validate``) type-checks every value and runs each ``__post_init__`` range
+check *before* any data is loaded or any MLflow run is opened, so bad input fails
+fast with a message that names the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is out of its allowed range; the message names the setting."""
+
+
+def _check(ok: bool, setting: str, value: Any, allowed: str, hint: str = "") -> None:
+    if not ok:
+        msg = f"{setting}={value!r} is invalid: allowed {allowed}."
+        if hint:
+            msg += f" {hint}"
+        raise ConfigError(msg)
+
+
+def _one_of(setting: str, value: str, options: tuple[str, ...]) -> None:
+    _check(value in options, setting, value, "one of " + ", ".join(options))
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, how it is split, augmented and fed."""
+
+    name: str = "cifar10"
+    root: str = "data"
+    download: bool = True
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    # Images held out of the training set for validation (the sweep objective).
+    val_size: int = 5000
+    # Use only the first N training images (after the split); None = all. For quick runs.
+    train_subset: int | None = None
+    # Resize images to this side length (None = native). Digits are 8x8 natively.
+    image_size: int | None = None
+    augment: bool = True
+    crop_padding: int = 4
+    hflip: bool = True
+    cutout: int = 0
+    # "device": whole dataset as tensors on the training device, augmentation batched there.
+    # "torch": a standard torch DataLoader (for data too large for device memory).
+    loader: str = "device"
+    num_workers: int = 0
+    # Only for name=synthetic: which dataset's shape to imitate, and how many images.
+    synthetic_like: str = "cifar10"
+    synthetic_size: int = 10000
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1")
+        _check(self.val_size >= 0, "data.val_size", self.val_size, ">= 0 (number of images)")
+        _check(
+            self.train_subset is None or self.train_subset >= 1,
+            "data.train_subset", self.train_subset, "null or >= 1",
+        )
+        _check(
+            self.image_size is None or self.image_size >= 4,
+            "data.image_size", self.image_size, "null or >= 4",
+        )
+        _check(self.crop_padding >= 0, "data.crop_padding", self.crop_padding, ">= 0")
+        _check(self.cutout >= 0, "data.cutout", self.cutout, ">= 0 (side length, 0 = off)")
+        _one_of("data.loader", self.loader, ("device", "torch"))
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(self.synthetic_size >= 1, "data.synthetic_size", self.synthetic_size, ">= 1")
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture; ``params`` go to its constructor (e.g. depth, width, heads)."""
+
+    name: str = "resnet20"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+OPTIMIZERS = (
+    "sgd", "adamw", "adam", "sam", "asam", "fsam", "zsharp", "sam_magnitude", "sam_direction",
+)
+BASE_OPTIMIZERS = ("sgd", "adamw", "adam")
+ZSHARP_FILTERS = ("zscore", "magnitude", "random")
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer and its base; SAM-family settings are ignored by plain ones."""
+
+    name: str = "zsharp"
+    base: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # SAM family.
+    rho: float = 0.05
+    adaptive: bool = False
+    eta: float = 0.01
+    # ZSharp: keep entries whose |z| is strictly above the `percentile` quantile.
+    percentile: float = 0.95
+    filter: str = "zscore"
+    filter_seed: int = 0
+    # Friendly-SAM.
+    sigma: float = 1.0
+    lmbda: float = 0.9
+    # BatchNorm running statistics in the second (perturbed) pass: "freeze" (davda54/sam's
+    # advice) or "update" (the official ZSharp code's behaviour).
+    bn_second_pass: str = "freeze"
+
+    def __post_init__(self) -> None:
+        _one_of("optimizer.name", self.name, OPTIMIZERS)
+        _one_of("optimizer.base", self.base, BASE_OPTIMIZERS)
+        _check(
+            self.lr > 0 and math.isfinite(self.lr), "optimizer.lr", self.lr, "a finite value > 0"
+        )
+        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "[0, 1)")
+        _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optimizer.betas", list(self.betas), "two values in [0, 1)",
+        )
+        _check(self.rho >= 0 and math.isfinite(self.rho), "optimizer.rho", self.rho, ">= 0")
+        _check(self.eta >= 0, "optimizer.eta", self.eta, ">= 0")
+        _check(
+            0 <= self.percentile < 1, "optimizer.percentile", self.percentile,
+            "a fraction in [0, 1) (0.95 keeps the top 5% of entries by |z|)",
+            hint=(
+                f"Did you mean {self.percentile / 100:g}? Q_p is a fraction, not a percent."
+                if 1 <= self.percentile <= 100 else ""
+            ),
+        )
+        _one_of("optimizer.filter", self.filter, ZSHARP_FILTERS)
+        _check(self.sigma >= 0, "optimizer.sigma", self.sigma, ">= 0")
+        _check(0 <= self.lmbda < 1, "optimizer.lmbda", self.lmbda, "[0, 1)")
+        _one_of("optimizer.bn_second_pass", self.bn_second_pass, ("freeze", "update"))
+
+
+@dataclass
+class HardwareConfig:
+    """Where and how fast: device, precision and the speed switches the trainer honours."""
+
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    # CPU threads for torch (0 = torch's default).
+    num_threads: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
+            "hardware.device", self.device, "auto, cpu, cuda, cuda:N or mps",
+        )
+        _one_of("hardware.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check(self.num_threads >= 0, "hardware.num_threads", self.num_threads, ">= 0")
+
+
+SCHEDULERS = ("none", "cosine", "step", "multistep")
+
+
+@dataclass
+class TrainerConfig:
+    """The fit loop: how long, which schedule, what is evaluated."""
+
+    epochs: int = 200
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 30
+    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    # Cap the steps per epoch (None = the whole epoch). For smoke tests and benchmarks.
+    max_steps_per_epoch: int | None = None
+    eval_test_every_epoch: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "trainer.epochs", self.epochs, ">= 1")
+        _one_of("trainer.scheduler", self.scheduler, SCHEDULERS)
+        _check(self.warmup_epochs >= 0, "trainer.warmup_epochs", self.warmup_epochs, ">= 0")
+        _check(self.step_size >= 1, "trainer.step_size", self.step_size, ">= 1")
+        _check(self.gamma > 0, "trainer.gamma", self.gamma, "> 0")
+        _check(
+            0 <= self.label_smoothing < 1, "trainer.label_smoothing", self.label_smoothing,
+            "[0, 1)",
+        )
+        _check(
+            self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip", self.grad_clip,
+            "null or > 0",
+        )
+        _check(
+            self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+            "trainer.max_steps_per_epoch", self.max_steps_per_epoch, "null or >= 1",
+        )
+
+
+@dataclass
+class SharpnessConfig:
+    """Which sharpness metrics, on how many fixed training batches, how often."""
+
+    sam: bool = True
+    sam_every: int = 1
+    rho: float = 0.05
+    hessian_top_eig: bool = False
+    hessian_trace: bool = False
+    num_batches: int = 2
+    batch_size: int = 128
+    eig_iters: int = 100
+    eig_tol: float = 1e-4
+    trace_samples: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.sam_every >= 1, "sharpness.sam_every", self.sam_every, ">= 1")
+        _check(self.rho > 0, "sharpness.rho", self.rho, "> 0")
+        _check(self.num_batches >= 1, "sharpness.num_batches", self.num_batches, ">= 1")
+        _check(self.batch_size >= 1, "sharpness.batch_size", self.batch_size, ">= 1")
+        _check(self.eig_iters >= 1, "sharpness.eig_iters", self.eig_iters, ">= 1")
+        _check(self.trace_samples >= 1, "sharpness.trace_samples", self.trace_samples, ">= 1")
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: where runs go and what they are called."""
+
+    enabled: bool = True
+    # None: $MLFLOW_TRACKING_URI if set, else sqlite:///<cwd>/mlruns/mlflow.db.
+    uri: str | None = None
+    experiment: str = "zsharp-sweeps"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The whole resolved config of one training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 52
+    # The value returned to the sweeper: "best_val_acc" (maximise) or "final_val_loss" (minimise)
+    objective: str = "best_val_acc"
+
+    def __post_init__(self) -> None:
+        _one_of("objective", self.objective, ("best_val_acc", "final_val_acc", "final_val_loss"))
+
+
+def validate(cfg: DictConfig | dict) -> TrainConfig:
+    """Merge a composed config onto the schema and run every range check.
+
+    Keys Hydra adds (``hydra``) and sweep-only sections (``sweep``) are dropped first.
+    Raises ``ConfigError`` (a ``ValueError``) naming the first bad setting.
+    """
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    container = {k: v for k, v in dict(container).items() if k not in ("hydra", "sweep")}
+    schema = OmegaConf.structured(TrainConfig)
+    try:
+        merged = OmegaConf.merge(schema, container)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except Exception as exc:  # omegaconf type/key errors: re-raise as one clear type
+        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(f"invalid config: {exc}") from exc
+
+
+GROUP_SCHEMAS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optimizer": OptimizerConfig,
+    "hardware": HardwareConfig,
+    "trainer": TrainerConfig,
+    "sharpness": SharpnessConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def register_configs() -> None:
+    """Store each group's schema as ``<group>/_schema`` so every YAML option can start
+    from it (``defaults: [_schema, _self_]``): any schema key can then be overridden from
+    the command line without ``+``, and types are checked as Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="_schema", node=schema)
