@@ -1,0 +1,55 @@
+# zsharp-sweeps: every command a user needs. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# MLflow store: $MLFLOW_TRACKING_URI wins (MLflow's convention), else SQLite under mlruns/.
+TRACKING_URI ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
+ARGS ?=
+
+.PHONY: help install test lint format train demo sweep ui bench clean
+
+help:
+	@echo "make install  - create $(VENV) with torch, Hydra, Optuna, MLflow and dev tools"
+	@echo "make demo     - ZSharp + ResNet-20 on the embedded digits dataset, 3 epochs on the CPU"
+	@echo "make train    - python -m zsharp_sweeps.train \$$ARGS (defaults: CIFAR-10, ResNet-20, ZSharp)"
+	@echo "make sweep    - Optuna sweep over rho, Q_p, lr on digits (ARGS to override)"
+	@echo "make ui       - MLflow UI on $(TRACKING_URI)"
+	@echo "make test     - the test suite (CPU, embedded data)"
+	@echo "make lint     - ruff"
+	@echo "make bench    - optimizer-step and throughput benchmark (ARGS to override)"
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# torch and torchvision first, as the matching pair (torchvision needs the CUDA build).
+	$(PY) -m pip install "torch==2.14.*" "torchvision==0.29.*"
+	$(PY) -m pip install -e ".[dev]"
+
+test:
+	$(PY) -m pytest -q
+
+lint:
+	$(PY) -m ruff check zsharp_sweeps tests
+
+format:
+	$(PY) -m ruff check --fix zsharp_sweeps tests
+	$(PY) -m ruff format zsharp_sweeps tests
+
+train:
+	$(PY) -m zsharp_sweeps.train $(ARGS)
+
+demo:
+	$(PY) -m zsharp_sweeps.train data=digits model=resnet20 optimizer=zsharp trainer.epochs=3 hardware=cpu $(ARGS)
+
+sweep:
+	$(PY) -m zsharp_sweeps.train --multirun +sweep=zsharp_rho_qp_lr data=digits hardware=cpu trainer.epochs=3 $(ARGS)
+
+ui:
+	@mkdir -p mlruns
+	$(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --port 5000
+
+bench:
+	$(PY) -m zsharp_sweeps.bench $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,177 @@
+"""The fit loop: epochs of optimizer steps, evaluation, sharpness, and hooks.
+
+Why it looks like this: per-batch loss and accuracy are accumulated *on the device* and
+read once per epoch, so the GPU never waits for Python between steps (airbench's rule).
+Everything a caller may want per epoch (MLflow logging, Optuna pruning, progress) is an
+``on_epoch_end`` callback, so the loop itself knows nothing about tracking or sweeps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from zsharp_sweeps.config import TrainConfig
+from zsharp_sweeps.optim import train_step
+from zsharp_sweeps.schedule import build_scheduler
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
+
+
+@dataclass
+class FitResult:
+    """What a fit produced: the per-epoch history and the final summary metrics."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged (loss is nan/inf): a failed trial, not a crash of the sweep."""
+
+
+def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``batches``; one host sync at the end."""
+    was_training = model.training
+    model.eval()
+    loss_sum = correct = count = None
+    for inputs, targets in batches:
+        inputs = _prepare(inputs, channels_last)
+        with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        hits = (logits.argmax(dim=1) == targets).sum()
+        if loss_sum is None:
+            loss_sum, correct, count = loss, hits, targets.numel()
+        else:
+            loss_sum, correct, count = loss_sum + loss, correct + hits, count + targets.numel()
+    model.train(was_training)
+    if loss_sum is None:
+        return math.nan, math.nan
+    return loss_sum.item() / count, correct.item() / count
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data,
+    cfg: TrainConfig,
+    *,
+    on_epoch_end: Sequence[EpochCallback] = (),
+    sharpness_fn: Callable[[nn.Module, int, bool], dict[str, float]] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``cfg.trainer.epochs`` epochs on ``data`` (a DataBundle).
+
+    ``sharpness_fn(model, epoch, is_last)`` returns the sharpness metrics due this epoch.
+    Callbacks receive the epoch (1-based, MLflow's step) and that epoch's metrics; one may
+    raise to stop training (e.g. ``optuna.TrialPruned``).
+    """
+    tcfg, hw = cfg.trainer, cfg.hardware
+    amp_dtype = AMP_DTYPES[hw.precision]
+    device = next(model.parameters()).device
+    scaler = torch.amp.GradScaler(device.type) if hw.precision == "fp16" else None
+    step_model = torch.compile(model) if hw.compile else model
+    scheduler = build_scheduler(optimizer, tcfg)
+    label_smoothing = tcfg.label_smoothing
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+    steps = len(data.train)
+    if tcfg.max_steps_per_epoch is not None:
+        steps = min(steps, tcfg.max_steps_per_epoch)
+    result = FitResult()
+    best_val_acc = -math.inf
+    freeze_bn = cfg.optimizer.bn_second_pass == "freeze"
+    epochs = tqdm(
+        range(1, tcfg.epochs + 1), desc="epochs", unit="ep", disable=not tcfg.progress,
+        leave=True, dynamic_ncols=True,
+    )
+    for epoch in epochs:
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(
+            total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
+            disable=not tcfg.progress, dynamic_ncols=True,
+        )
+        for step, (inputs, targets) in enumerate(data.train):
+            if step >= steps:
+                break
+            inputs = _prepare(inputs, hw.channels_last)
+            loss, logits = train_step(
+                step_model, optimizer, loss_fn, inputs, targets,
+                amp_dtype=amp_dtype, scaler=scaler, freeze_bn_second_pass=freeze_bn,
+            )
+            loss_sum += loss.float() * targets.numel()
+            correct += (logits.argmax(dim=1) == targets).sum()
+            seen += targets.numel()
+            bar.update(1)
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_loss = loss_sum.item() / max(seen, 1)
+        metrics: dict[str, float] = {
+            "train_loss": train_loss,
+            "train_acc": correct.item() / max(seen, 1),
+            "lr": lr,
+            "epoch_time_s": time.perf_counter() - start,
+        }
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(
+                f"training loss is {train_loss} at epoch {epoch}: the run diverged "
+                f"(optimizer.lr={cfg.optimizer.lr}, optimizer.rho={cfg.optimizer.rho})"
+            )
+        scheduler.step()
+        if data.val is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(
+                step_model, data.val, amp_dtype=amp_dtype, channels_last=hw.channels_last
+            )
+            best_val_acc = max(best_val_acc, metrics["val_acc"])
+        is_last = epoch == tcfg.epochs
+        if tcfg.eval_test_every_epoch or is_last:
+            metrics["test_loss"], metrics["test_acc"] = evaluate(
+                step_model, data.test, amp_dtype=amp_dtype, channels_last=hw.channels_last
+            )
+        if sharpness_fn is not None:
+            metrics.update(sharpness_fn(model, epoch, is_last))
+        result.history.append({"epoch": epoch, **metrics})
+        epochs.set_postfix(
+            {k: f"{metrics[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in metrics}
+        )
+        for callback in on_epoch_end:
+            callback(epoch, metrics)
+    last = result.history[-1]
+    result.summary = {
+        "best_val_acc": best_val_acc if data.val is not None else math.nan,
+        "final_val_acc": last.get("val_acc", math.nan),
+        "final_val_loss": last.get("val_loss", math.nan),
+        "final_test_acc": last["test_acc"],
+        "final_test_loss": last["test_loss"],
+    }
+    return result

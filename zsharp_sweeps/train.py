@@ -1,0 +1,213 @@
+"""The training entry point: ``python -m zsharp_sweeps.train optimizer=zsharp model=vit``.
+
+Thin on purpose (DESIGN.md): compose and validate the config, build data, model and
+optimizer from it, run the fit loop inside one MLflow run, return the objective as a
+float so Hydra's Optuna sweeper can use it. ``run_training`` is the same without Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+
+import hydra
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from zsharp_sweeps.config import ConfigError, TrainConfig, register_configs, validate
+from zsharp_sweeps.data import build_data
+from zsharp_sweeps.engine import EpochCallback, fit
+from zsharp_sweeps.metrics.sharpness import compute_sharpness
+from zsharp_sweeps.models import build_model
+from zsharp_sweeps.optim import build_optimizer
+from zsharp_sweeps.plots import plot_curves
+from zsharp_sweeps.tracking import Tracker, flatten, git_commit
+
+log = logging.getLogger(__name__)
+
+register_configs()
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"hardware.device={requested!r} but CUDA is not available on this machine: "
+            "allowed here: auto, cpu"
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("hardware.device='mps' but MPS is not available: allowed here: auto, cpu")
+    return torch.device(requested)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def _sharpness_fn(cfg: TrainConfig, data):
+    """Sharpness metrics due at an epoch, on fixed un-augmented training batches."""
+    scfg = cfg.sharpness
+    if not (scfg.sam or scfg.hessian_top_eig or scfg.hessian_trace):
+        return None
+    batches = data.fixed_batches(scfg.num_batches, scfg.batch_size)
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets)
+
+    def measure(model: torch.nn.Module, epoch: int, is_last: bool) -> dict[str, float]:
+        sam_due = scfg.sam and (epoch % scfg.sam_every == 0 or is_last)
+        return compute_sharpness(
+            model, loss_fn, batches,
+            sam_rho=scfg.rho if sam_due else None,
+            top_eig=scfg.hessian_top_eig and is_last,
+            trace=scfg.hessian_trace and is_last,
+            eig_iters=scfg.eig_iters, eig_tol=scfg.eig_tol, trace_samples=scfg.trace_samples,
+        )
+
+    return measure
+
+
+def run_training(
+    cfg: DictConfig | TrainConfig,
+    *,
+    overrides: Sequence[str] = (),
+    callbacks: Sequence[EpochCallback] = (),
+    parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """Validate, build, fit and record one training run; returns the summary metrics.
+
+    Validation happens before anything is built or any MLflow run is opened, so a bad
+    value costs nothing and leaves nothing half-written.
+    """
+    train_cfg = cfg if isinstance(cfg, TrainConfig) else validate(cfg)
+    device = resolve_device(train_cfg.hardware.device)
+    if train_cfg.data.val_size == 0 and train_cfg.objective != "final_test_acc":
+        raise ConfigError(
+            f"data.val_size=0 leaves no validation split, but objective={train_cfg.objective!r} "
+            "is measured on it: allowed data.val_size >= 1"
+        )
+    if train_cfg.hardware.num_threads:
+        torch.set_num_threads(train_cfg.hardware.num_threads)
+    seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
+    resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
+
+    tracker = Tracker(train_cfg.tracking)
+    tags = {
+        "optimizer": train_cfg.optimizer.name,
+        "model": train_cfg.model.name,
+        "dataset": train_cfg.data.name,
+        "device": str(device),
+        **(run_tags or {}),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    run_name = train_cfg.tracking.run_name or (
+        f"{train_cfg.optimizer.name}-{train_cfg.model.name}-{train_cfg.data.name}"
+    )
+    started = time.perf_counter()
+    with tracker.run(run_name=run_name, tags=tags, parent_run_id=parent_run_id):
+        tracker.log_params(flatten(resolved))
+        tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+        tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+
+        data = build_data(train_cfg.data, device, train_cfg.seed)
+        model = build_model(
+            train_cfg.model,
+            in_channels=data.in_channels,
+            num_classes=data.num_classes,
+            image_size=data.image_size,
+        ).to(device)
+        if train_cfg.hardware.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(train_cfg.optimizer, model)
+        tracker.log_params(
+            {
+                "num_params": sum(p.numel() for p in model.parameters()),
+                "num_train": data.num_train, "num_val": data.num_val, "num_test": data.num_test,
+            }
+        )
+
+        def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            tracker.log_metrics(metrics, step=epoch)
+
+        result = fit(
+            model, optimizer, data, train_cfg,
+            on_epoch_end=[log_epoch, *callbacks],
+            sharpness_fn=_sharpness_fn(train_cfg, data),
+        )
+        summary = {**result.summary, "train_time_s": time.perf_counter() - started}
+        final = {k: v for k, v in summary.items() if not math.isnan(v)}
+        tracker.log_metrics(final, step=train_cfg.trainer.epochs)
+        if tracker.enabled:
+            figure = plot_curves(result.history, title=run_name)
+            tracker.log_figure(figure, "curves.png")
+        summary["run_id"] = tracker.run_id  # type: ignore[assignment]
+    log.info(
+        "done: %s best_val_acc=%.4f final_test_acc=%.4f in %.1fs%s",
+        run_name, summary["best_val_acc"], summary["final_test_acc"], summary["train_time_s"],
+        f" (MLflow run {tracker.run_id} in {tracker.uri})" if tracker.enabled else "",
+    )
+    return summary
+
+
+def objective_value(cfg: TrainConfig, summary: dict[str, float]) -> float:
+    return float(summary[cfg.objective])
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra's task function: one training run; returns the objective for the sweeper."""
+    try:
+        train_cfg = validate(cfg)
+        summary = run_training(train_cfg, overrides=_task_overrides())
+    except ConfigError as exc:
+        if _is_multirun():
+            raise  # the sweeper records this trial as failed and goes on
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return objective_value(train_cfg, summary)
+
+
+if __name__ == "__main__":
+    main()
