@@ -23,7 +23,7 @@ install:
 	$(PY) -m pip install --upgrade pip
 	# torch and torchvision first, as the matching pair (torchvision needs the CUDA build).
 	$(PY) -m pip install "torch==2.14.*" "torchvision==0.29.*"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev]" --config-settings editable_mode=compat
 
 test:
 	$(PY) -m pytest -q

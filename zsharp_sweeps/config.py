@@ -31,6 +31,12 @@ def _one_of(setting: str, value: str, options: tuple[str, ...]) -> None:
     _check(value in options, setting, value, "one of " + ", ".join(options))
 
 
+DATASETS = (
+    "cifar10", "cifar100", "svhn", "tiny_imagenet", "fashion_mnist", "mnist", "digits",
+    "synthetic",
+)
+
+
 @dataclass
 class DataConfig:
     """Which dataset, how it is split, augmented and fed."""
@@ -60,6 +66,8 @@ class DataConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
+        _one_of("data.name", self.name, DATASETS)
+        _one_of("data.synthetic_like", self.synthetic_like, DATASETS[:-1])
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.val_size >= 0, "data.val_size", self.val_size, ">= 0 (number of images)")
@@ -159,6 +167,9 @@ class HardwareConfig:
     # CPU threads for torch (0 = torch's default).
     num_threads: int = 0
     deterministic: bool = False
+    # In a parallel sweep on a multi-GPU host: how many trials share one GPU. Trial slot i
+    # runs on cuda:(i // trials_per_gpu) % device_count.
+    trials_per_gpu: int = 1
 
     def __post_init__(self) -> None:
         _check(
@@ -167,6 +178,7 @@ class HardwareConfig:
         )
         _one_of("hardware.precision", self.precision, ("fp32", "bf16", "fp16"))
         _check(self.num_threads >= 0, "hardware.num_threads", self.num_threads, ">= 0")
+        _check(self.trials_per_gpu >= 1, "hardware.trials_per_gpu", self.trials_per_gpu, ">= 1")
 
 
 SCHEDULERS = ("none", "cosine", "step", "multistep")
@@ -245,6 +257,47 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+OBJECTIVES = (
+    "best_val_acc", "final_val_acc", "final_val_loss",
+    "sharpness/sam", "sharpness/hessian_top_eig", "sharpness/hessian_trace",
+)
+
+
+@dataclass
+class StudyConfig:
+    """How a run takes part in an Optuna study: pruning, seeds, and (set by the sweeper) its
+    identity. Outside a sweep ``name`` is null and none of this has any effect."""
+
+    # Stop unpromising trials early from their per-epoch validation accuracy.
+    pruner: str = "none"
+    pruner_startup_trials: int = 2
+    pruner_warmup_epochs: int = 1
+    pruner_min_resource: int = 1
+    pruner_reduction_factor: int = 3
+    # Repeat each configuration over this many seeds (seed, seed+1, ...); objective = mean.
+    n_seeds: int = 1
+    # Filled in by the sweeper for each trial.
+    name: str | None = None
+    storage: str | None = None
+    trial_number: int | None = None
+    parent_run_id: str | None = None
+    # Position of the trial in its parallel batch; picks its GPU (see hardware.trials_per_gpu).
+    slot: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("study.pruner", self.pruner, PRUNERS)
+        _check(self.pruner_startup_trials >= 0, "study.pruner_startup_trials",
+               self.pruner_startup_trials, ">= 0")
+        _check(self.pruner_warmup_epochs >= 0, "study.pruner_warmup_epochs",
+               self.pruner_warmup_epochs, ">= 0")
+        _check(self.pruner_min_resource >= 1, "study.pruner_min_resource",
+               self.pruner_min_resource, ">= 1")
+        _check(self.pruner_reduction_factor >= 2, "study.pruner_reduction_factor",
+               self.pruner_reduction_factor, ">= 2")
+        _check(self.n_seeds >= 1, "study.n_seeds", self.n_seeds, ">= 1")
+
+
 @dataclass
 class TrainConfig:
     """The whole resolved config of one training run."""
@@ -256,22 +309,26 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 52
-    # The value returned to the sweeper: "best_val_acc" (maximise) or "final_val_loss" (minimise)
-    objective: str = "best_val_acc"
+    # What the run returns to a sweeper, in order (several = multi-objective). Validation
+    # metrics only: the test set is reported, never tuned on.
+    objectives: list[str] = field(default_factory=lambda: ["best_val_acc"])
 
     def __post_init__(self) -> None:
-        _one_of("objective", self.objective, ("best_val_acc", "final_val_acc", "final_val_loss"))
+        _check(len(self.objectives) >= 1, "objectives", list(self.objectives), "a non-empty list")
+        for name in self.objectives:
+            _one_of("objectives", name, OBJECTIVES)
 
 
 def validate(cfg: DictConfig | dict) -> TrainConfig:
     """Merge a composed config onto the schema and run every range check.
 
-    Keys Hydra adds (``hydra``) and sweep-only sections (``sweep``) are dropped first.
+    The ``hydra`` node is dropped first.
     Raises ``ConfigError`` (a ``ValueError``) naming the first bad setting.
     """
     container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    container = {k: v for k, v in dict(container).items() if k not in ("hydra", "sweep")}
+    container = {k: v for k, v in dict(container).items() if k != "hydra"}
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, container)
@@ -293,6 +350,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
     "sharpness": SharpnessConfig,
     "tracking": TrackingConfig,
+    "study": StudyConfig,
 }
 
 

@@ -127,8 +127,9 @@ class Tracker:
     ) -> Iterator[Tracker]:
         """Open a run; it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
 
-        An exception whose class defines ``mlflow_status`` (e.g. a pruned trial) ends the
-        run with that status and is re-raised.
+        The tag ``run_state`` says COMPLETE, FAILED, KILLED or, for an exception class that
+        defines ``run_state``/``mlflow_status`` (a pruned trial), PRUNED with status KILLED.
+        The exception is re-raised.
         """
         if not self.enabled:
             yield self
@@ -141,18 +142,21 @@ class Tracker:
             self._client.create_run, self.experiment_id, run_name=run_name, tags=all_tags
         )
         self.run_id = run.info.run_id
-        status = "FINISHED"
+        status, state = "FINISHED", "COMPLETE"
         try:
             yield self
         except KeyboardInterrupt:
-            status = "KILLED"
+            status, state = "KILLED", "KILLED"
             raise
         except BaseException as exc:
             status = getattr(exc, "mlflow_status", "FAILED")
+            state = getattr(exc, "run_state", "FAILED")
             with contextlib.suppress(Exception):
                 self.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
             raise
         finally:
+            with contextlib.suppress(Exception):
+                self.set_tags({"run_state": state})
             _retry(self._client.set_terminated, self.run_id, status=status)
 
     def log_params(self, params: Mapping[str, Any]) -> None:

@@ -13,6 +13,7 @@ import random
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import hydra
 import numpy as np
@@ -27,6 +28,7 @@ from zsharp_sweeps.metrics.sharpness import compute_sharpness
 from zsharp_sweeps.models import build_model
 from zsharp_sweeps.optim import build_optimizer
 from zsharp_sweeps.plots import plot_curves
+from zsharp_sweeps.sweep import StudyReporter, assign_device
 from zsharp_sweeps.tracking import Tracker, flatten, git_commit
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,15 @@ log = logging.getLogger(__name__)
 register_configs()
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error."""
+def resolve_device(
+    requested: str, slot: int | None = None, trials_per_gpu: int = 1
+) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error.
+
+    In a parallel sweep (``slot`` set) each trial gets its own GPU, see ``assign_device``.
+    """
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    requested = assign_device(requested, slot, n_gpus, trials_per_gpu)
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -100,11 +109,13 @@ def run_training(
     value costs nothing and leaves nothing half-written.
     """
     train_cfg = cfg if isinstance(cfg, TrainConfig) else validate(cfg)
-    device = resolve_device(train_cfg.hardware.device)
-    if train_cfg.data.val_size == 0 and train_cfg.objective != "final_test_acc":
+    device = resolve_device(
+        train_cfg.hardware.device, train_cfg.study.slot, train_cfg.hardware.trials_per_gpu
+    )
+    if train_cfg.data.val_size == 0:
         raise ConfigError(
-            f"data.val_size=0 leaves no validation split, but objective={train_cfg.objective!r} "
-            "is measured on it: allowed data.val_size >= 1"
+            "data.val_size=0 leaves no validation split, but the objective and best_val_acc are "
+            "measured on it (the test set is never tuned on): allowed data.val_size >= 1"
         )
     if train_cfg.hardware.num_threads:
         torch.set_num_threads(train_cfg.hardware.num_threads)
@@ -157,8 +168,16 @@ def run_training(
             on_epoch_end=[log_epoch, *callbacks],
             sharpness_fn=_sharpness_fn(train_cfg, data),
         )
-        summary = {**result.summary, "train_time_s": time.perf_counter() - started}
-        final = {k: v for k, v in summary.items() if not math.isnan(v)}
+        last_sharpness = {
+            k: v for k, v in result.history[-1].items() if k.startswith("sharpness/")
+        }
+        summary = {
+            **result.summary, **last_sharpness, "train_time_s": time.perf_counter() - started,
+        }
+        final = {
+            k: v for k, v in summary.items()
+            if not math.isnan(v) and not k.startswith("sharpness/")
+        }
         tracker.log_metrics(final, step=train_cfg.trainer.epochs)
         if tracker.enabled:
             figure = plot_curves(result.history, title=run_name)
@@ -172,8 +191,78 @@ def run_training(
     return summary
 
 
-def objective_value(cfg: TrainConfig, summary: dict[str, float]) -> float:
-    return float(summary[cfg.objective])
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def run_experiment(cfg: TrainConfig, *, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """One configuration: a single run, or ``study.n_seeds`` runs whose summaries are averaged.
+
+    Inside a sweep (``study.name`` set by the sweeper) the run is a child of the sweep's
+    MLflow run, reports every epoch to its Optuna trial and stops when pruned. With several
+    seeds, one MLflow run per configuration holds the per-epoch means and the mean +- std
+    of the summary, and each seed is a run nested under it; pruning judges the first seed.
+    """
+    study = cfg.study
+    tags: dict[str, str] = {}
+    callbacks: list[EpochCallback] = []
+    if study.name is not None and study.trial_number is not None:
+        tags = {"study_name": study.name, "trial_number": str(study.trial_number)}
+        if study.storage is not None:
+            callbacks.append(StudyReporter(study, cfg.objectives[0]))
+    if study.n_seeds == 1:
+        return run_training(
+            cfg, overrides=overrides, callbacks=callbacks,
+            parent_run_id=study.parent_run_id, run_tags=tags,
+        )
+
+    tracker = Tracker(cfg.tracking)
+    name = cfg.tracking.run_name or f"{cfg.optimizer.name}-{cfg.model.name}-{cfg.data.name}"
+    group_tags = {
+        **tags, "optimizer": cfg.optimizer.name, "model": cfg.model.name,
+        "dataset": cfg.data.name, "n_seeds": str(study.n_seeds),
+    }
+    with tracker.run(run_name=f"{name}-x{study.n_seeds}seeds", tags=group_tags,
+                     parent_run_id=study.parent_run_id):
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        tracker.log_params(flatten(resolved))
+        histories: list[list[dict[str, float]]] = []
+        summaries: list[dict[str, float]] = []
+        for i in range(study.n_seeds):
+            seed_cfg = replace(cfg, seed=cfg.seed + i, tracking=replace(
+                cfg.tracking, run_name=f"{name}-seed{cfg.seed + i}"))
+            history: list[dict[str, float]] = []
+            summaries.append(run_training(
+                seed_cfg, overrides=overrides,
+                callbacks=[*(callbacks if i == 0 else []),
+                           lambda epoch, m, h=history: h.append(dict(m))],
+                parent_run_id=tracker.run_id, run_tags={**tags, "seed": str(cfg.seed + i)},
+            ))
+            histories.append(history)
+        for epoch_idx in range(cfg.trainer.epochs):
+            keys = histories[0][epoch_idx].keys()
+            tracker.log_metrics(
+                {k: float(np.mean([h[epoch_idx][k] for h in histories])) for k in keys},
+                step=epoch_idx + 1,
+            )
+        summary: dict[str, float] = {}
+        for key in summaries[0]:
+            if key == "run_id":
+                continue
+            mean, std = _mean_std([s[key] for s in summaries])
+            summary[key], summary[f"{key}_std"] = mean, std
+        tracker.log_metrics(
+            {k: v for k, v in summary.items() if not math.isnan(v)}, step=cfg.trainer.epochs
+        )
+        summary["run_id"] = tracker.run_id  # type: ignore[assignment]
+    return summary
+
+
+def objective_values(cfg: TrainConfig, summary: dict[str, float]) -> float | tuple[float, ...]:
+    """What the sweeper optimises: one float, or a tuple for a multi-objective study."""
+    values = tuple(float(summary[name]) for name in cfg.objectives)
+    return values[0] if len(values) == 1 else values
 
 
 def _task_overrides() -> list[str]:
@@ -196,17 +285,17 @@ def _is_multirun() -> bool:
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | tuple[float, ...]:
     """Hydra's task function: one training run; returns the objective for the sweeper."""
     try:
         train_cfg = validate(cfg)
-        summary = run_training(train_cfg, overrides=_task_overrides())
+        summary = run_experiment(train_cfg, overrides=_task_overrides())
     except ConfigError as exc:
         if _is_multirun():
             raise  # the sweeper records this trial as failed and goes on
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    return objective_value(train_cfg, summary)
+    return objective_values(train_cfg, summary)
 
 
 if __name__ == "__main__":

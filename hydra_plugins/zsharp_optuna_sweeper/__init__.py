@@ -1,0 +1,1 @@
+"""zsharp-sweeps' extension of Hydra's Optuna sweeper (pruning, resume, MLflow parent runs)."""

@@ -1,0 +1,59 @@
+"""Shared fixtures: a composed config from the real conf/ tree and one MLflow store per session.
+
+Why one store per session: creating an SQLite MLflow database runs its migrations (seconds);
+tests share one database and isolate themselves by experiment name.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from zsharp_sweeps.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+register_configs()
+
+# Small but honest settings for runs in tests: digits, a tiny model, few steps.
+FAST = [
+    "data=digits",
+    "hardware=cpu",
+    "trainer.epochs=2",
+    "trainer.progress=false",
+    "sharpness.num_batches=1",
+    "sharpness.batch_size=32",
+]
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    store = tmp_path_factory.mktemp("mlruns")
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+@pytest.fixture
+def experiment_name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def make_cfg(mlflow_uri: str, experiment_name: str) -> Callable[..., DictConfig]:
+    """Compose conf/config.yaml with overrides, tracking into the session store."""
+
+    def _make(overrides: Sequence[str] = (), *, fast: bool = True) -> DictConfig:
+        all_overrides = [*(FAST if fast else []), *overrides]
+        all_overrides += [f"tracking.uri={mlflow_uri}", f"tracking.experiment={experiment_name}"]
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose(config_name="config", overrides=all_overrides)
+
+    return _make

@@ -1,0 +1,84 @@
+"""Every config group option composes and validates; bad values fail with clear messages."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from zsharp_sweeps.config import ConfigError, validate
+
+from .conftest import CONF_DIR
+
+GROUPS = ["data", "model", "optimizer", "hardware", "trainer", "sharpness", "tracking"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("group", "option"), [(g, o) for g in GROUPS for o in _options(g)]
+)
+def test_every_group_option_composes_and_validates(group: str, option: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"{group}={option}"])
+    train_cfg = validate(cfg)
+    section = getattr(train_cfg, group)
+    if hasattr(section, "name"):
+        assert section.name == option or group == "data" and option == section.name
+    assert cfg[group] is not None
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert _options(group), f"conf/{group}/ has no options"
+
+
+def test_defaults_match_the_product() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config")
+    train_cfg = validate(cfg)
+    assert (train_cfg.data.name, train_cfg.model.name, train_cfg.optimizer.name) == (
+        "cifar10", "resnet20", "zsharp",
+    )
+    assert train_cfg.hardware.device == "auto"
+    assert train_cfg.optimizer.percentile == 0.95
+    assert train_cfg.optimizer.rho == 0.05
+
+
+@pytest.mark.parametrize(
+    ("override", "setting", "allowed"),
+    [
+        ("optimizer.rho=-0.1", "optimizer.rho", ">= 0"),
+        ("optimizer.percentile=1.0", "optimizer.percentile", "[0, 1)"),
+        ("optimizer.percentile=-0.5", "optimizer.percentile", "[0, 1)"),
+        ("optimizer.lr=0", "optimizer.lr", "> 0"),
+        ("optimizer.lr=-1e-3", "optimizer.lr", "> 0"),
+        ("trainer.epochs=0", "trainer.epochs", ">= 1"),
+        ("data.batch_size=0", "data.batch_size", ">= 1"),
+        ("hardware.precision=fp8", "hardware.precision", "fp32"),
+        ("optimizer.filter=top", "optimizer.filter", "zscore"),
+    ],
+)
+def test_bad_values_name_the_setting_and_the_range(
+    override: str, setting: str, allowed: str
+) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[override])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert setting in str(info.value)
+    assert allowed in str(info.value)
+
+
+def test_percentile_given_as_percent_suggests_the_fraction() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=["optimizer.percentile=70"])
+    with pytest.raises(ConfigError, match=r"Did you mean 0\.7\?"):
+        validate(cfg)
+
+
+def test_wrong_type_is_a_config_error() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        with pytest.raises(Exception, match="optimizer.rho|rho"):
+            compose(config_name="config", overrides=["optimizer.rho=abc"])

@@ -1,0 +1,118 @@
+"""The entry point end to end: runs recorded in MLflow, learning on digits, bad input rejected."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from zsharp_sweeps.config import OPTIMIZERS
+from zsharp_sweeps.train import run_training
+
+from .conftest import REPO
+
+EPOCH_METRICS = [
+    "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+    "epoch_time_s", "sharpness/sam",
+]
+FINAL_METRICS = ["best_val_acc", "final_test_acc"]
+
+
+def _runs(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    return client, client.search_runs([exp.experiment_id])
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_short_digits_run_records_every_metric(
+    optimizer: str, make_cfg, mlflow_uri: str, experiment_name: str
+) -> None:
+    cfg = make_cfg([f"optimizer={optimizer}", "model=resnet20", "trainer.max_steps_per_epoch=3"])
+    summary = run_training(cfg)
+
+    client, runs = _runs(mlflow_uri, experiment_name)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.info.run_id == summary["run_id"]
+    for key in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2], key
+    for key in FINAL_METRICS:
+        assert key in run.data.metrics
+    assert 0.0 <= run.data.metrics["final_test_acc"] <= 1.0
+    assert run.data.params["optimizer.name"] == optimizer
+    assert run.data.params["data.name"] == "digits"
+    assert run.data.tags["optimizer"] == optimizer
+    assert run.data.tags["model"] == "resnet20"
+    assert run.data.tags["dataset"] == "digits"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "config")}
+    assert artifacts == {"config/resolved.yaml", "config/overrides.txt"}
+    assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_resnet20_learns_digits_in_the_demo_recipe(make_cfg) -> None:
+    """The README demo: ZSharp + ResNet-20, 3 epochs on digits: far above 10 % chance."""
+    cfg = make_cfg(["optimizer=zsharp", "model=resnet20", "trainer.epochs=3"])
+    summary = run_training(cfg)
+    assert summary["best_val_acc"] > 0.8
+    assert summary["final_test_acc"] > 0.8
+
+
+def test_a_run_that_raises_ends_failed(
+    make_cfg, mlflow_uri: str, experiment_name: str, tmp_path: Path
+) -> None:
+    cfg = make_cfg(["data=cifar10", f"data.root={tmp_path}", "data.download=false"])
+    with pytest.raises(Exception, match="cifar"):
+        run_training(cfg)
+    _, runs = _runs(mlflow_uri, experiment_name)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "error" in runs[0].data.tags
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "zsharp_sweeps.train", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_cli_run_writes_to_the_default_store_under_mlruns(tmp_path: Path) -> None:
+    proc = _cli(
+        ["data=digits", "hardware=cpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
+         "model=resnet20", "optimizer=sgd", "sharpness=none", "trainer.progress=false"],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    db = tmp_path / "mlruns" / "mlflow.db"
+    assert db.exists()
+    _, runs = _runs(f"sqlite:///{db}", "zsharp-sweeps")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert (tmp_path / "mlruns" / "artifacts").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optimizer.rho=-0.05", "optimizer.rho"),
+        ("optimizer.percentile=70", "Did you mean 0.7?"),
+        ("optimizer.lr=0", "optimizer.lr"),
+        ("trainer.epochs=0", "trainer.epochs"),
+        ("optimizer=nope", "optimizer"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_and_writes_nothing(
+    override: str, expected: str, tmp_path: Path
+) -> None:
+    proc = _cli(["data=digits", "hardware=cpu", override], tmp_path)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert not (tmp_path / "mlruns").exists()
