@@ -269,7 +269,8 @@ class StudyConfig:
     """How a run takes part in an Optuna study: pruning, seeds, and (set by the sweeper) its
     identity. Outside a sweep ``name`` is null and none of this has any effect."""
 
-    # Stop unpromising trials early from their per-epoch validation accuracy.
+    # Stop unpromising trials early from their per-epoch validation accuracy: none, median,
+    # successive_halving, hyperband, or the import path of a custom optuna pruner class.
     pruner: str = "none"
     pruner_startup_trials: int = 2
     pruner_warmup_epochs: int = 1
@@ -286,7 +287,11 @@ class StudyConfig:
     slot: int | None = None
 
     def __post_init__(self) -> None:
-        _one_of("study.pruner", self.pruner, PRUNERS)
+        _check(
+            self.pruner in PRUNERS or "." in self.pruner, "study.pruner", self.pruner,
+            "one of " + ", ".join(PRUNERS) + ", or the import path of an optuna BasePruner "
+            "subclass taking no arguments (e.g. mypkg.pruners.MyPruner)",
+        )
         _check(self.pruner_startup_trials >= 0, "study.pruner_startup_trials",
                self.pruner_startup_trials, ">= 0")
         _check(self.pruner_warmup_epochs >= 0, "study.pruner_warmup_epochs",

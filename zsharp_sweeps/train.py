@@ -284,14 +284,37 @@ def _is_multirun() -> bool:
         return False
 
 
+def _record_rejected_trial(cfg: DictConfig, overrides: Sequence[str], error: Exception) -> None:
+    """A sweep trial whose config is invalid still gets its (FAILED) MLflow child run."""
+    from zsharp_sweeps.config import StudyConfig, TrackingConfig
+
+    try:
+        tracking = TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
+        study = StudyConfig(**OmegaConf.to_container(cfg.study, resolve=True))
+    except Exception:  # the tracking section itself is broken: nothing to record into
+        return
+    if not tracking.enabled or study.trial_number is None:
+        return
+    tracker = Tracker(tracking)
+    tags = {"study_name": str(study.name), "trial_number": str(study.trial_number)}
+    try:
+        with tracker.run(run_name=f"trial-{study.trial_number}-rejected", tags=tags,
+                         parent_run_id=study.parent_run_id):
+            tracker.log_params({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o})
+            raise error
+    except ConfigError:
+        pass
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
-    """Hydra's task function: one training run; returns the objective for the sweeper."""
+    """Hydra's task function: one training run; returns the objective(s) for the sweeper."""
     try:
         train_cfg = validate(cfg)
         summary = run_experiment(train_cfg, overrides=_task_overrides())
     except ConfigError as exc:
         if _is_multirun():
+            _record_rejected_trial(cfg, _task_overrides(), exc)
             raise  # the sweeper records this trial as failed and goes on
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -8,6 +8,8 @@ when the study's pruner decides; the sweeper then records the trial as PRUNED.
 
 from __future__ import annotations
 
+import importlib
+
 import optuna
 
 from zsharp_sweeps.config import StudyConfig
@@ -36,7 +38,15 @@ def build_pruner(cfg: StudyConfig) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner(
             min_resource=cfg.pruner_min_resource, reduction_factor=cfg.pruner_reduction_factor
         )
-    raise ValueError(f"study.pruner={cfg.pruner!r} is not a known pruner")
+    module_name, _, class_name = cfg.pruner.rpartition(".")
+    try:
+        pruner_cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"study.pruner={cfg.pruner!r}: cannot import it ({exc})") from exc
+    pruner = pruner_cls()
+    if not isinstance(pruner, optuna.pruners.BasePruner):
+        raise ValueError(f"study.pruner={cfg.pruner!r} is not an optuna BasePruner subclass")
+    return pruner
 
 
 # The per-epoch metric that tracks each objective (what the pruner compares across trials).
