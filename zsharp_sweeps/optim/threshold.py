@@ -1,0 +1,328 @@
+"""Exact per-tensor order statistics for ZSharp's filter, for all filtered tensors at once.
+
+Why this module exists: the official ZSharp code calls ``torch.quantile(|z|, Q_p)`` once per
+parameter tensor. That sorts every tensor (slow), refused tensors over 2^24 entries in older
+PyTorch, and costs one Python round trip per layer. Here the threshold is computed exactly (the
+kept set is bit for bit the one ``|z| > torch.quantile(|z|, Q_p)`` gives) without sorting and,
+on accelerators, for every filtered tensor in one batched pass with no host synchronisation.
+
+Layout: the filtered tensors are packed into one zero-padded ``[num_chunks, CHUNK]`` buffer;
+every chunk belongs to exactly one tensor ("segment"), so a per-tensor value is broadcast to
+its chunks with one small ``index_select`` and a per-tensor reduction is a row reduction
+followed by an ``index_add_`` over chunks. No per-element index tensor is needed.
+
+Order statistics: non-negative IEEE floats order exactly like their bit patterns read as
+signed integers, so the k-th smallest ``|z|`` of every segment is found by a bisection on the
+integer bit pattern (31 passes for float32, each pass one compare + one row count for all
+segments together). On CPU, where a per-tensor quickselect is cheaper than 31 full passes,
+``torch.kthvalue`` gives the same value ("auto" picks per device). Both give identical bits.
+
+The threshold itself: ``torch.quantile`` returns ``tau = lerp(a_j, a_c, w)`` with ``a`` the
+sorted values, ``rank = float64(float32(Q_p)) * (n - 1)``, ``j = floor(rank)``,
+``c = ceil(rank)`` and ``w = float32(rank - j)`` (checked bit for bit against
+``torch.quantile`` on CPU for 2,222 size/Q_p pairs with ties). SPEC.md's shortcut
+``{|z| > a_j}`` equals ``{|z| > tau}`` except when ``a_{j+1}`` is within about an ulp of ``a_j``
+and ``w >= 0.5`` (``lerp`` then rounds up to ``a_{j+1}``), which does happen in tensors of
+millions of entries; so we compute ``a_j``, ``a_c`` and ``tau`` exactly as quantile does. A
+segment containing NaN gets ``tau = NaN`` (quantile's rule), so nothing in it is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+#: Elements per chunk of the packed layout. A tensor wastes at most CHUNK - 1 padding entries.
+CHUNK = 1024
+
+#: Integer dtype whose bit pattern orders like the (non-negative) float of the same width.
+_INT_FOR = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+METHODS = ("auto", "bisect", "kthvalue")
+
+
+def resolve_method(method: str, device: torch.device) -> str:
+    """``auto`` = quickselect per tensor on CPU, batched bisection elsewhere (no host syncs)."""
+    if method not in METHODS:
+        raise ValueError(f"threshold method={method!r} is invalid: allowed one of {METHODS}")
+    if method == "auto":
+        return "kthvalue" if device.type == "cpu" else "bisect"
+    return method
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a small host constant to ``device`` without blocking the host on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass
+class RankInfo:
+    """torch.quantile's ranks for one Q_p, per segment (constants, cached per layout)."""
+
+    below: Tensor  # int64 [k]: j = floor(rank)
+    below_list: list[int]
+    weight: Tensor  # float [k]: float32(rank - j), quantile's lerp weight
+    exact: Tensor  # bool [k]: ceil(rank) == j, so a_c = a_j
+
+
+@dataclass
+class SegmentLayout:
+    """Where each filtered tensor lives in the packed ``[num_chunks, CHUNK]`` buffer.
+
+    Built once per set of tensor sizes (the optimizer caches it), so every per-step tensor
+    operation uses device-resident constants only.
+    """
+
+    numels: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    chunk: int
+    chunk_offsets: list[int]  # first chunk of each segment
+    num_chunks: int
+    chunk_seg: Tensor  # int64 [num_chunks]: segment of each chunk
+    pad: Tensor  # bool [num_chunks, chunk]: True on padding entries
+    numel_t: Tensor  # int64 [k]
+    seg_start: Tensor  # int64 [k]: flat index of each segment's first entry
+    _ranks: dict[float, RankInfo] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls, numels: Sequence[int], dtype: torch.dtype, device: torch.device, chunk: int = CHUNK
+    ) -> SegmentLayout:
+        if dtype not in _INT_FOR:
+            raise TypeError(f"SegmentLayout supports float32/float64, got {dtype}")
+        if any(n < 1 for n in numels):
+            raise ValueError("every segment needs at least one entry")
+        counts = [math.ceil(n / chunk) for n in numels]
+        offsets = [0]
+        for c in counts[:-1]:
+            offsets.append(offsets[-1] + c)
+        num_chunks = sum(counts)
+        chunk_seg = torch.repeat_interleave(
+            torch.arange(len(numels)), torch.tensor(counts), output_size=num_chunks
+        )
+        pad = torch.ones(num_chunks * chunk, dtype=torch.bool)
+        for off, n in zip(offsets, numels, strict=True):
+            pad[off * chunk : off * chunk + n] = False
+        return cls(
+            numels=tuple(numels),
+            dtype=dtype,
+            device=device,
+            chunk=chunk,
+            chunk_offsets=offsets,
+            num_chunks=num_chunks,
+            chunk_seg=_to_device(chunk_seg, device),
+            pad=_to_device(pad.view(num_chunks, chunk), device),
+            numel_t=_to_device(torch.tensor(numels, dtype=torch.int64), device),
+            seg_start=_to_device(torch.tensor([o * chunk for o in offsets]), device),
+        )
+
+    @property
+    def k(self) -> int:
+        return len(self.numels)
+
+    @property
+    def int_dtype(self) -> torch.dtype:
+        return _INT_FOR[self.dtype]
+
+    # --- packing -------------------------------------------------------------------------
+    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Zero-padded ``[num_chunks, chunk]`` copy of ``tensors`` (one ``cat`` kernel)."""
+        zeros = torch.zeros(self.chunk, dtype=self.dtype, device=self.device)
+        pieces: list[Tensor] = []
+        for t, n, off in zip(tensors, self.numels, self.chunk_offsets, strict=True):
+            pieces.append(t.reshape(-1).to(self.dtype))
+            end = self._end_chunk(off, n)
+            pad = end * self.chunk - (off * self.chunk + n)
+            if pad:
+                pieces.append(zeros[:pad])
+        return torch.cat(pieces).view(self.num_chunks, self.chunk)
+
+    def unpack(self, buf: Tensor) -> list[Tensor]:
+        """Flat views of each segment's valid entries in a packed buffer (no copies)."""
+        flat = buf.reshape(-1)
+        return [
+            flat[off * self.chunk : off * self.chunk + n]
+            for off, n in zip(self.chunk_offsets, self.numels, strict=True)
+        ]
+
+    def _end_chunk(self, off: int, n: int) -> int:
+        return off + math.ceil(n / self.chunk)
+
+    # --- per-segment helpers (all on device, no syncs) -------------------------------------
+    def per_chunk(self, values: Tensor) -> Tensor:
+        """Broadcast a per-segment ``[k]`` vector to ``[num_chunks, 1]``."""
+        return values.index_select(0, self.chunk_seg).unsqueeze(1)
+
+    def seg_sum(self, chunk_values: Tensor) -> Tensor:
+        """Sum a per-chunk ``[num_chunks]`` vector into its segments (integer sums are exact)."""
+        out = torch.zeros(self.k, dtype=chunk_values.dtype, device=self.device)
+        return out.index_add_(0, self.chunk_seg, chunk_values)
+
+    def seg_count(self, mask: Tensor) -> Tensor:
+        """Number of True entries of a ``[num_chunks, chunk]`` mask per segment (int64)."""
+        return self.seg_sum(mask.sum(1))
+
+    def seg_min(self, values: Tensor, fill: int) -> Tensor:
+        """Per-segment minimum of an integer ``[num_chunks, chunk]`` buffer."""
+        out = torch.full((self.k,), fill, dtype=values.dtype, device=self.device)
+        return out.scatter_reduce_(0, self.chunk_seg, values.amin(1), reduce="amin")
+
+    def ranks(self, q: float) -> RankInfo:
+        """torch.quantile's rank arithmetic for ``q``, per segment (cached)."""
+        info = self._ranks.get(q)
+        if info is None:
+            q32 = float(torch.tensor(q, dtype=torch.float32))
+            rank = [q32 * (n - 1) for n in self.numels]  # float64, as torch.quantile does
+            below = [int(r) for r in rank]
+            weight = torch.tensor([r - j for r, j in zip(rank, below, strict=True)]).float()
+            exact = [math.ceil(r) == j for r, j in zip(rank, below, strict=True)]
+            info = RankInfo(
+                below=_to_device(torch.tensor(below, dtype=torch.int64), self.device),
+                below_list=below,
+                weight=_to_device(weight.to(self.dtype), self.device),
+                exact=_to_device(torch.tensor(exact), self.device),
+            )
+            self._ranks[q] = info
+        return info
+
+
+def _int_max(dtype: torch.dtype) -> int:
+    return torch.iinfo(dtype).max
+
+
+def kth_smallest_bits(
+    bits: Tensor,
+    layout: SegmentLayout,
+    rank: Tensor,
+    method: str,
+    rank_list: list[int] | None = None,
+) -> Tensor:
+    """Per segment, the ``rank``-th smallest (1-based) entry of a packed integer buffer.
+
+    ``bits`` holds non-negative bit patterns with padding set to the dtype's maximum. A rank
+    above the segment size returns ``max - 1`` (larger than any finite float's pattern).
+    Returns int64 ``[k]``.
+    """
+    int_max = _int_max(bits.dtype)
+    if method == "kthvalue":
+        ranks = rank_list if rank_list is not None else rank.tolist()
+        out = []
+        for view, n, r in zip(layout.unpack(bits), layout.numels, ranks, strict=True):
+            if r > n:
+                out.append(torch.full((), int_max - 1, dtype=torch.int64, device=bits.device))
+            else:
+                out.append(torch.kthvalue(view, r).values.to(torch.int64))
+        return torch.stack(out)
+    if method != "bisect":
+        raise ValueError(f"unknown method {method!r}")
+    # Invariant: the answer lies in [lo, hi]. The range [0, int_max - 1] has int_max values,
+    # so ceil(log2(int_max)) halvings leave one. Padding (int_max) is never counted.
+    lo = torch.zeros(layout.k, dtype=torch.int64, device=bits.device)
+    hi = torch.full((layout.k,), int_max - 1, dtype=torch.int64, device=bits.device)
+    passes = math.ceil(math.log2(int_max))
+    for _ in range(passes):
+        mid = lo + ((hi - lo) >> 1)
+        count = layout.seg_count(bits <= layout.per_chunk(mid.to(bits.dtype)))
+        ok = count >= rank
+        hi = torch.where(ok, mid, hi)
+        lo = torch.where(ok, lo, mid + 1)
+    return lo
+
+
+def quantile_threshold(
+    values: Tensor,
+    has_nan: Tensor,
+    layout: SegmentLayout,
+    q: float,
+    method: str,
+) -> Tensor:
+    """``torch.quantile(segment, q)`` for every segment of a packed non-negative buffer.
+
+    ``values`` must be non-negative floats with padding entries set to NaN whose bit pattern
+    is the integer maximum (see :func:`abs_zscores`); ``has_nan`` flags segments containing a
+    real NaN. Returns ``[k]`` thresholds, bit for bit what ``torch.quantile`` returns.
+    """
+    bits = values.view(layout.int_dtype)
+    int_max = _int_max(bits.dtype)
+    info = layout.ranks(q)
+    below = kth_smallest_bits(
+        bits, layout, info.below + 1, method, rank_list=[j + 1 for j in info.below_list]
+    )
+    below_c = layout.per_chunk(below.to(bits.dtype))
+    # a_{j+1}: a_j again if it is tied (count(<= a_j) >= j + 2), else the next larger value.
+    n_le = layout.seg_count(bits <= below_c)
+    nxt = layout.seg_min(torch.where(bits > below_c, bits, int_max), int_max).to(torch.int64)
+    above = torch.where(info.exact | (n_le >= info.below + 2), below, nxt)
+    a_below = below.to(bits.dtype).view(layout.dtype)
+    a_above = above.to(bits.dtype).view(layout.dtype)
+    tau = torch.lerp(a_below, a_above, info.weight)
+    return torch.where(has_nan, torch.full_like(tau, math.nan), tau)
+
+
+def abs_zscores(grads: Sequence[Tensor], packed: Tensor, layout: SegmentLayout) -> tuple[Tensor, Tensor]:
+    """``|z|`` of every segment, packed, with padding set to the integer-maximum NaN.
+
+    The mean and unbiased std are computed per tensor with ``Tensor.mean()``/``Tensor.std()``,
+    exactly as the official code does, so ``z`` matches it bit for bit (a batched segment
+    reduction would sum in another order and move boundary entries by an ulp).
+    Returns ``(abs_z [num_chunks, chunk], has_nan [k])``.
+    """
+    src = [g if g.dtype == layout.dtype else g.to(layout.dtype) for g in grads]
+    means = torch.stack([g.mean() for g in src])
+    stds = torch.stack([g.std() for g in src])
+    z = (packed - layout.per_chunk(means)) / layout.per_chunk(stds + 1e-12)
+    z.abs_()
+    z.view(layout.int_dtype).masked_fill_(layout.pad, _int_max(layout.int_dtype))
+    has_nan = ~(torch.isfinite(means) & torch.isfinite(stds))
+    return z, has_nan
+
+
+def keep_top_count(
+    keys: Tensor, layout: SegmentLayout, counts: Tensor, method: str
+) -> Tensor:
+    """Mask keeping exactly ``counts[i]`` entries with the largest ``keys`` in each segment.
+
+    ``keys`` are non-negative floats (``|g|`` or uniform noise), packed. Ties at the boundary
+    are broken by position (earlier entries first), so the count is exact even with ties; all
+    of it runs on device without syncs in the "bisect" method.
+    """
+    bits = keys.view(layout.int_dtype).clone()
+    int_max = _int_max(bits.dtype)
+    bits.masked_fill_(layout.pad, int_max)
+    valid = ~layout.pad
+    rank = layout.numel_t - counts + 1  # 1-based rank of the smallest kept key
+    rank_list = rank.tolist() if method == "kthvalue" else None
+    v = layout.per_chunk(kth_smallest_bits(bits, layout, rank, method, rank_list).to(bits.dtype))
+    greater = (bits > v) & valid
+    need = layout.per_chunk(counts - layout.seg_count(greater))
+    equal = (bits == v) & valid
+    cum = torch.cumsum(equal.reshape(-1), 0)
+    before = torch.cat([cum.new_zeros(1), cum])[layout.seg_start]  # equal entries before segment
+    rank_in_seg = cum.view_as(equal) - layout.per_chunk(before)
+    return greater | (equal & (rank_in_seg <= need))
+
+
+def zscore_masks(
+    grads: Sequence[Tensor], q: float, method: str = "auto", chunk: int = CHUNK
+) -> list[Tensor]:
+    """ZSharp's kept set ``|z| > quantile(|z|, q)`` for each tensor (boolean, same shapes).
+
+    A functional entry point for tests and analysis; the optimizer uses the same pieces.
+    """
+    if not grads:
+        return []
+    dtype = torch.float64 if grads[0].dtype == torch.float64 else torch.float32
+    device = grads[0].device
+    layout = SegmentLayout.build([g.numel() for g in grads], dtype, device, chunk)
+    packed = layout.pack(grads)
+    absz, has_nan = abs_zscores(grads, packed, layout)
+    tau = quantile_threshold(absz, has_nan, layout, q, resolve_method(method, device))
+    mask = absz > layout.per_chunk(tau)
+    return [m.view(g.shape) for m, g in zip(layout.unpack(mask), grads, strict=True)]
