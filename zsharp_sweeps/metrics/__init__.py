@@ -1,0 +1,15 @@
+"""Metrics computed during training: sharpness of the loss surface (see SPEC.md, Sharpness)."""
+
+from zsharp_sweeps.metrics.sharpness import (
+    compute_sharpness,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    sam_sharpness,
+)
+
+__all__ = [
+    "compute_sharpness",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "sam_sharpness",
+]
