@@ -127,6 +127,7 @@ def fit(
             loss, logits = train_step(
                 step_model, optimizer, loss_fn, inputs, targets,
                 amp_dtype=amp_dtype, scaler=scaler, freeze_bn_second_pass=freeze_bn,
+                grad_clip=tcfg.grad_clip,
             )
             loss_sum += loss.float() * targets.numel()
             correct += (logits.argmax(dim=1) == targets).sum()

@@ -1,0 +1,331 @@
+"""``python -m zsharp_sweeps.bench``: what one training step costs, per optimizer, in one process.
+
+Measures the *full* training step as the trainer runs it (batch from the device loader,
+both passes, the optimizer), so the ZSharp/SAM and SAM/SGD ratios are the ones a sweep
+pays. Prints a table and writes JSON. Modes:
+
+- default: each optimizer in turn on the same model/data: ms per step, images/s, peak
+  device memory, and the ratios against SAM and SGD measured in the same run;
+- ``--concurrent 1,2,4,8``: k copies of the benchmark as separate processes on one device
+  at the same time (the "several trials per GPU" question): aggregate images/s against k=1;
+- ``--loader``: images/s the device loader produces, next to torch's DataLoader with workers;
+- ``--sharpness``: what each sharpness metric costs at its default settings.
+
+Example (H100): ``python -m zsharp_sweeps.bench --device cuda --model resnet56
+--optimizers sgd,sam,zsharp --batch-size 128 --steps 100 --precision bf16 --channels-last``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from zsharp_sweeps.config import DataConfig, ModelConfig, OptimizerConfig
+from zsharp_sweeps.engine import AMP_DTYPES
+from zsharp_sweeps.optim import build_optimizer, train_step
+
+
+@dataclass
+class BenchSettings:
+    device: str = "cpu"
+    model: str = "resnet20"
+    optimizers: tuple[str, ...] = ("sgd", "sam", "zsharp")
+    batch_size: int = 128
+    steps: int = 20
+    warmup: int = 5
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    data: str = "cifar10"
+    image_size: int | None = None
+    seed: int = 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(s: BenchSettings, optimizer_name: str):
+    from zsharp_sweeps.data import build_data
+    from zsharp_sweeps.models import build_model
+
+    device = torch.device(s.device)
+    torch.manual_seed(s.seed)
+    size = s.batch_size * max(s.steps + s.warmup, 8)
+    data = build_data(
+        DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
+                   val_size=64, batch_size=s.batch_size, image_size=s.image_size),
+        device, s.seed,
+    )
+    model = build_model(
+        ModelConfig(name=s.model), in_channels=data.in_channels,
+        num_classes=data.num_classes, image_size=data.image_size,
+    ).to(device)
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, lr=0.01), model)
+    step_model = torch.compile(model) if s.compile else model
+    return device, data, model, step_model, optimizer
+
+
+def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
+    """Median-free, honest wall time: ``steps`` full training steps after ``warmup`` ones."""
+    device, data, model, step_model, optimizer = _setup(s, optimizer_name)
+    amp_dtype = AMP_DTYPES[s.precision]
+    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
+
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), targets)
+
+    def batches():
+        while True:
+            yield from data.train
+
+    stream = batches()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            inputs, targets = next(stream)
+            if s.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            train_step(step_model, optimizer, loss_fn, inputs, targets,
+                       amp_dtype=amp_dtype, scaler=scaler)
+
+    run(s.warmup)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    run(s.steps)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    ms = 1000 * elapsed / s.steps
+    return {
+        "optimizer": optimizer_name,
+        "ms_per_step": ms,
+        "images_per_s": s.batch_size * s.steps / elapsed,
+        "peak_mem_mib": (torch.cuda.max_memory_allocated(device) / 2**20)
+        if device.type == "cuda" else math.nan,
+        "num_params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def run_optimizers(s: BenchSettings) -> dict[str, Any]:
+    rows = [measure_optimizer(s, name) for name in s.optimizers]
+    by_name = {r["optimizer"]: r for r in rows}
+    ratios = {}
+    if "sam" in by_name:
+        for name in ("zsharp", "asam", "fsam", "sam_magnitude", "sam_direction"):
+            if name in by_name:
+                ratios[f"{name}/sam"] = by_name[name]["ms_per_step"] / by_name["sam"]["ms_per_step"]
+    if "sgd" in by_name:
+        for name, row in by_name.items():
+            if name != "sgd":
+                ratios[f"{name}/sgd"] = row["ms_per_step"] / by_name["sgd"]["ms_per_step"]
+    return {"rows": rows, "ratios": ratios}
+
+
+# ----- several trials on one device ------------------------------------------------------
+def _concurrent_worker(s: BenchSettings, optimizer_name: str, barrier, queue) -> None:
+    torch.set_num_threads(1)
+    device, data, model, step_model, optimizer = _setup(s, optimizer_name)
+    amp_dtype = AMP_DTYPES[s.precision]
+
+    def loss_fn(logits, targets):
+        return F.cross_entropy(logits.float(), targets)
+
+    def run(n: int) -> None:
+        done = 0
+        while done < n:
+            for inputs, targets in data.train:
+                if done >= n:
+                    break
+                if s.channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                train_step(step_model, optimizer, loss_fn, inputs, targets, amp_dtype=amp_dtype)
+                done += 1
+
+    run(s.warmup)
+    _sync(device)
+    barrier.wait()
+    start = time.time()
+    run(s.steps)
+    _sync(device)
+    queue.put((start, time.time(), s.batch_size * s.steps))
+
+
+def run_concurrent(s: BenchSettings, ks: Sequence[int], optimizer_name: str) -> list[dict[str, Any]]:
+    """k independent training processes on one device at once: aggregate images/s."""
+    ctx = mp.get_context("spawn")
+    rows = []
+    for k in ks:
+        barrier, queue = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_concurrent_worker, args=(s, optimizer_name, barrier, queue))
+                 for _ in range(k)]
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=1800) for _ in procs]
+        for p in procs:
+            p.join()
+        start = min(r[0] for r in results)
+        end = max(r[1] for r in results)
+        images = sum(r[2] for r in results)
+        rows.append({"k": k, "aggregate_images_per_s": images / (end - start)})
+    base = rows[0]["aggregate_images_per_s"]
+    for row in rows:
+        row["speedup_vs_first"] = row["aggregate_images_per_s"] / base
+    return rows
+
+
+# ----- data loaders ----------------------------------------------------------------------
+def run_loader(s: BenchSettings, workers: Sequence[int], epochs: int = 2) -> list[dict[str, Any]]:
+    """Augmented training images/s from the device loader and from torch's DataLoader."""
+    from zsharp_sweeps.data import build_data
+
+    device = torch.device(s.device)
+    size = 50_000 if device.type == "cuda" else 5_000
+    rows = []
+    variants = [("device", 0)] + [("torch", w) for w in workers]
+    for loader, nw in variants:
+        data = build_data(
+            DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
+                       val_size=64, batch_size=s.batch_size, loader=loader, num_workers=nw),
+            device, s.seed,
+        )
+        for _ in data.train:  # warm-up epoch (workers start, kernels load)
+            break
+        _sync(device)
+        start = time.perf_counter()
+        images = 0
+        for _ in range(epochs):
+            for inputs, _targets in data.train:
+                images += inputs.shape[0]
+        _sync(device)
+        rows.append({"loader": loader, "workers": nw,
+                     "images_per_s": images / (time.perf_counter() - start)})
+    return rows
+
+
+# ----- sharpness -------------------------------------------------------------------------
+def run_sharpness(s: BenchSettings) -> list[dict[str, Any]]:
+    """Seconds per call of each sharpness metric at the trainer's default settings."""
+    from zsharp_sweeps.config import SharpnessConfig
+    from zsharp_sweeps.metrics.sharpness import hessian_top_eigenvalue, hessian_trace, sam_sharpness
+
+    device, data, model, _, _ = _setup(s, "sgd")
+    cfg = SharpnessConfig()
+    batches = data.fixed_batches(cfg.num_batches, cfg.batch_size)
+
+    def loss_fn(logits, targets):
+        return F.cross_entropy(logits.float(), targets)
+
+    calls = {
+        "sharpness/sam": lambda: sam_sharpness(model, loss_fn, batches, cfg.rho),
+        "sharpness/hessian_top_eig": lambda: hessian_top_eigenvalue(
+            model, loss_fn, batches, iters=cfg.eig_iters, tol=cfg.eig_tol),
+        "sharpness/hessian_trace": lambda: hessian_trace(
+            model, loss_fn, batches, samples=cfg.trace_samples),
+    }
+    rows = []
+    for name, call in calls.items():
+        _sync(device)
+        start = time.perf_counter()
+        value = call()
+        _sync(device)
+        rows.append({"metric": name, "seconds": time.perf_counter() - start, "value": value,
+                     "batches": f"{cfg.num_batches}x{cfg.batch_size}"})
+    return rows
+
+
+# ----- cli -------------------------------------------------------------------------------
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    from zsharp_sweeps.report import format_table
+
+    return format_table(rows)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m zsharp_sweeps.bench", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--optimizers", default="sgd,sam,zsharp",
+                        help="comma-separated optimizer names (conf/optimizer)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--data", default="cifar10", help="shape to imitate (synthetic data)")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--concurrent", type=_ints, default=None,
+                        help="k values, e.g. 1,2,4,8: k training processes at once")
+    parser.add_argument("--loader", action="store_true", help="benchmark the data loaders")
+    parser.add_argument("--loader-workers", type=_ints, default=[2, 8])
+    parser.add_argument("--sharpness", action="store_true", help="cost of sharpness metrics")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    s = BenchSettings(
+        device=args.device, model=args.model, optimizers=tuple(args.optimizers.split(",")),
+        batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
+        precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+        data=args.data, image_size=args.image_size,
+    )
+    env = {
+        "torch": torch.__version__, "python": platform.python_version(),
+        "device_name": torch.cuda.get_device_name(s.device) if s.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    results: dict[str, Any] = {"settings": vars(s) | {"optimizers": list(s.optimizers)}, "env": env}
+    print(f"# {s.model} batch {s.batch_size} {s.precision}"
+          f"{' channels_last' if s.channels_last else ''}{' compile' if s.compile else ''}"
+          f" on {env['device_name']} (torch {env['torch']})")
+    if args.concurrent:
+        rows = run_concurrent(s, args.concurrent, s.optimizers[0])
+        results["concurrent"] = rows
+        print(_table(rows))
+    elif args.loader:
+        rows = run_loader(s, args.loader_workers)
+        results["loader"] = rows
+        print(_table(rows))
+    elif args.sharpness:
+        rows = run_sharpness(s)
+        results["sharpness"] = rows
+        print(_table(rows))
+    else:
+        out = run_optimizers(s)
+        results.update(out)
+        print(_table(out["rows"]))
+        print(_table([{k: round(v, 3) for k, v in out["ratios"].items()}]) if out["ratios"] else "")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
