@@ -7,15 +7,17 @@ reaches the optimizer without any glue in the trainer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from zsharp_sweeps.config import OptimizerConfig
 from zsharp_sweeps.optim.fsam import FriendlySAM
 from zsharp_sweeps.optim.sam import ASAM, SAM, SAMDirection, SAMMagnitude
 from zsharp_sweeps.optim.zsharp import ZSharp
+
+if TYPE_CHECKING:  # the optimizers themselves need no Hydra/OmegaConf
+    from zsharp_sweeps.config import OptimizerConfig
 
 PLAIN = ("sgd", "adam", "adamw")
 

@@ -18,9 +18,10 @@ segments together). On CPU, where a per-tensor quickselect is cheaper than 31 fu
 ``torch.kthvalue`` gives the same value ("auto" picks per device). Both give identical bits.
 
 The threshold itself: ``torch.quantile`` returns ``tau = lerp(a_j, a_c, w)`` with ``a`` the
-sorted values, ``rank = float64(float32(Q_p)) * (n - 1)``, ``j = floor(rank)``,
-``c = ceil(rank)`` and ``w = float32(rank - j)`` (checked bit for bit against
-``torch.quantile`` on CPU for 2,222 size/Q_p pairs with ties). SPEC.md's shortcut
+sorted values, ``j = floor(rank)``, ``c = ceil(rank)``, ``w = rank - j`` and
+``rank = Q_p * (n - 1)``, whose arithmetic has changed across PyTorch versions (see
+:func:`rank_mode`; checked bit for bit against ``torch.quantile`` on CPU with torch 2.14 and
+on an H100 with torch 2.11). SPEC.md's shortcut
 ``{|z| > a_j}`` equals ``{|z| > tau}`` except when ``a_{j+1}`` is within about an ulp of ``a_j``
 and ``w >= 0.5`` (``lerp`` then rounds up to ``a_{j+1}``), which does happen in tensors of
 millions of entries; so we compute ``a_j``, ``a_c`` and ``tau`` exactly as quantile does. A
@@ -30,6 +31,7 @@ segment containing NaN gets ``tau = NaN`` (quantile's rule), so nothing in it is
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -178,19 +180,93 @@ class SegmentLayout:
         """torch.quantile's rank arithmetic for ``q``, per segment (cached)."""
         info = self._ranks.get(q)
         if info is None:
-            q32 = float(torch.tensor(q, dtype=torch.float32))
-            rank = [q32 * (n - 1) for n in self.numels]  # float64, as torch.quantile does
-            below = [int(r) for r in rank]
-            weight = torch.tensor([r - j for r, j in zip(rank, below, strict=True)]).float()
-            exact = [math.ceil(r) == j for r, j in zip(rank, below, strict=True)]
+            mode = rank_mode(self.device, self.dtype)
+            below, weight, exact = _rank_lists(self.numels, q, mode, self.device, self.dtype)
             info = RankInfo(
                 below=_to_device(torch.tensor(below, dtype=torch.int64), self.device),
                 below_list=below,
-                weight=_to_device(weight.to(self.dtype), self.device),
+                weight=_to_device(weight, self.device),
                 exact=_to_device(torch.tensor(exact), self.device),
             )
             self._ranks[q] = info
         return info
+
+
+# --- torch.quantile's rank arithmetic ------------------------------------------------------
+# PyTorch has computed ``rank = q * (n - 1)`` in two ways: in the input's dtype on the input's
+# device (``scalar_tensor(q) * last_index``, the implementation that refused n > 2^24; seen in
+# torch 2.11 on CUDA) and in float64 from q rounded to the input dtype (seen in torch 2.14 on
+# CPU, which accepts any n). The two differ in the lerp weight (and, near integers, in j), which
+# moves the threshold in rare cases. Rather than guess from version numbers, the first layout
+# built for a (device, dtype) probes torch.quantile once and uses the arithmetic that matches
+# it bit for bit (small tensors, only when a layout is built).
+_RANK_MODES = ("float64", "native")
+_rank_mode_cache: dict[tuple[str, torch.dtype], str] = {}
+
+
+def _rank_lists(
+    numels: Sequence[int], q: float, mode: str, device: torch.device, dtype: torch.dtype
+) -> tuple[list[int], Tensor, list[bool]]:
+    """Per size ``n``: ``j = floor(rank)``, the lerp weight (``dtype``) and ``ceil(rank) == j``."""
+    below: list[int] = []
+    weights: list[Tensor] = []
+    exact: list[bool] = []
+    q_in = float(torch.tensor(q, dtype=dtype))  # q rounded to the input dtype, as quantile does
+    for n in numels:
+        if mode == "float64":
+            rank = q_in * (n - 1)
+            j = int(rank)
+            weights.append(torch.tensor(rank - j, dtype=torch.float64).to(dtype))
+            exact.append(math.ceil(rank) == j)
+        else:
+            rank_t = torch.scalar_tensor(q, dtype=dtype, device=device) * (n - 1)
+            j_t = rank_t.to(torch.int64)
+            j = int(j_t)
+            weights.append((rank_t - j_t).cpu())
+            exact.append(int(rank_t.ceil().to(torch.int64)) == j)
+        below.append(j)
+    return below, torch.stack(weights).to(dtype), exact
+
+
+def _emulated_quantile(x: Tensor, q: float, mode: str) -> Tensor:
+    s = torch.sort(x.reshape(-1)).values
+    below, weight, exact = _rank_lists([x.numel()], q, mode, x.device, x.dtype)
+    j = below[0]
+    lo = s[j : j + 1]
+    hi = s[j : j + 1] if exact[0] else s[j + 1 : j + 2]
+    return torch.lerp(lo, hi, weight.to(x.device))[0]
+
+
+def rank_mode(device: torch.device, dtype: torch.dtype) -> str:
+    """Which rank arithmetic reproduces ``torch.quantile`` here (probed once, cached)."""
+    key = (str(device), dtype)
+    mode = _rank_mode_cache.get(key)
+    if mode is None:
+        gen = torch.Generator().manual_seed(0)
+        probes = []
+        for n in (2, 3, 7, 18, 95, 333, 1000, 4097):
+            x = torch.randn(n, generator=gen, dtype=torch.float64).abs().to(dtype)
+            probes.append(x.to(device))
+            probes.append(((x * 4).round() / 4).to(device))  # ties
+        qs = (0.05, 0.1, 0.3333, 0.7, 0.9, 0.95, 0.99, 0.999)
+        mode = _RANK_MODES[0]
+        for candidate in _RANK_MODES:
+            if all(
+                torch.equal(_emulated_quantile(x, q, candidate), torch.quantile(x, q))
+                for x in probes
+                for q in qs
+            ):
+                mode = candidate
+                break
+        else:
+            warnings.warn(
+                "no known rank arithmetic reproduces torch.quantile on this PyTorch; ZSharp's "
+                "threshold may differ from torch.quantile's in rare boundary cases",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _rank_mode_cache[key] = mode
+    return mode
 
 
 def _int_max(dtype: torch.dtype) -> int:
