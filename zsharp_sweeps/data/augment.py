@@ -17,8 +17,8 @@ Both paths share one meaning so that switching ``data.loader`` changes speed, no
 
 The device path draws every random number of an epoch at once on the CPU from a generator
 seeded by (seed, epoch): the same run gives the same batches on any device, and the hot loop
-makes no host round trip. Crop, flip and the batch selection are one advanced-indexing
-gather; cutout is one ``torch.where``.
+makes no host round trip. Batch selection, crop and flip are three gathers; cutout is one
+``torch.where``.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class BatchAugmenter:
 
     The store holds every training image padded once by ``padding`` zeros on each side, so a
     random crop is a gather at per-sample row/column offsets and a flip reverses the column
-    index: selection, crop and flip cost a single indexing kernel and no per-sample Python.
+    index: selection, crop and flip cost three gather kernels and no per-sample Python.
     """
 
     def __init__(
@@ -109,7 +109,6 @@ class BatchAugmenter:
         self.size, self.padding, self.hflip, self.cutout = size, padding, hflip, cutout
         self.arange = torch.arange(size, device=device)
         self.arange_rev = self.arange.flip(0)
-        self.channels = torch.arange(channels, device=device).view(1, channels, 1, 1)
         self.fill = fill.to(device).view(1, channels, 1, 1)
 
     def draw(self, n: int, generator: torch.Generator) -> AugmentParams:
@@ -127,12 +126,18 @@ class BatchAugmenter:
     def __call__(self, store: Tensor, idx: Tensor, p: AugmentParams) -> Tensor:
         """Augmented images ``store[idx]`` (B, C, size, size), in the store's dtype."""
         b, s = idx.numel(), self.size
+        c, wp = store.shape[1], store.shape[3]
         rows = p.dy[:, None] + self.arange  # (B, S)
         if self.hflip:
             cols = p.dx[:, None] + torch.where(p.flip[:, None], self.arange_rev, self.arange)
         else:
             cols = p.dx[:, None] + self.arange
-        x = store[idx.view(b, 1, 1, 1), self.channels, rows.view(b, 1, s, 1), cols.view(b, 1, 1, s)]
+        # Select the padded images, then gather rows, then columns (expanded indices are
+        # views). Measured on an H100 this is 2.7x faster than one 4-index advanced-indexing
+        # gather, whose index arithmetic costs more than the uint8 bytes it moves.
+        x = store[idx]
+        x = torch.gather(x, 2, rows.view(b, 1, s, 1).expand(b, c, s, wp))
+        x = torch.gather(x, 3, cols.view(b, 1, 1, s).expand(b, c, s, s))
         if self.cutout > 0:
             top = (p.cy - self.cutout // 2)[:, None]
             left = (p.cx - self.cutout // 2)[:, None]

@@ -33,7 +33,10 @@ __all__ = [
 Batch = tuple[Tensor, Tensor]
 STREAM_TRAIN = 1
 # Work on this many bytes of float32 output at a time (several batches per kernel launch).
-CHUNK_BYTES = 64 << 20
+# Measured on an H100 (synthetic CIFAR-10 shape, 45,000 training images, batch 256, crop +
+# flip): one batch per chunk 37 ms/epoch (host-bound: ~200 us of launches a batch), 64 MiB
+# 6.3 ms, 128 MiB 5.2 ms, 256 MiB 5.1 ms; i.e. ~30 us a batch, ~8.5M images/s.
+CHUNK_BYTES = 128 << 20
 
 
 def _images_per_chunk(batch_size: int, image_numel: int, chunk_bytes: int) -> int:

@@ -343,8 +343,9 @@ def synthetic(spec: DatasetSpec, size: int, seed: int) -> RawData:
     shape = (spec.in_channels, spec.image_size, spec.image_size)
 
     def images(n: int) -> Tensor:
-        x = torch.randint(0, int(spec.scale) + 1, (n, *shape), generator=g)
-        return x.to(torch.uint8) if spec.scale == 255 else x.to(torch.float32)
+        if spec.scale == 255:  # drawn as uint8 directly: no int64 intermediate
+            return torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+        return torch.randint(0, int(spec.scale) + 1, (n, *shape), generator=g).float()
 
     def labels(n: int) -> Tensor:
         return torch.randint(0, spec.num_classes, (n,), generator=g)
