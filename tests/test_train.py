@@ -116,3 +116,31 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_seeds_repeat_a_configuration_and_report_mean_and_std(
+    make_cfg, mlflow_uri: str, experiment_name: str
+) -> None:
+    from zsharp_sweeps.config import validate
+    from zsharp_sweeps.train import objective_values, run_experiment
+
+    cfg = validate(make_cfg(["model=mlp", "model.params.hidden=32", "optimizer=sgd",
+                             "study.n_seeds=2", "sharpness=none"]))
+    summary = run_experiment(cfg)
+
+    client, runs = _runs(mlflow_uri, experiment_name)
+    groups = [r for r in runs if r.data.tags.get("n_seeds") == "2"]
+    seeds = [r for r in runs if "seed" in r.data.tags]
+    assert len(groups) == 1 and len(seeds) == 2
+    group = groups[0]
+    assert {r.data.tags["mlflow.parentRunId"] for r in seeds} == {group.info.run_id}
+    assert sorted(r.data.params["seed"] for r in seeds) == ["52", "53"]
+    per_seed = [r.data.metrics["best_val_acc"] for r in seeds]
+    assert summary["best_val_acc"] == pytest.approx(sum(per_seed) / 2)
+    assert group.data.metrics["best_val_acc"] == pytest.approx(sum(per_seed) / 2)
+    assert group.data.metrics["best_val_acc_std"] == pytest.approx(
+        abs(per_seed[0] - per_seed[1]) / 2**0.5
+    )
+    assert objective_values(cfg, summary) == pytest.approx(summary["best_val_acc"])
+    # The group run holds the per-epoch mean curve.
+    assert [m.step for m in client.get_metric_history(group.info.run_id, "val_acc")] == [1, 2]

@@ -367,4 +367,4 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name="_schema", node=schema)
+        store.store(group=group, name="_schema", node=schema, replace=True)

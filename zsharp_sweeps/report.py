@@ -246,10 +246,14 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 def _descendant_runs(client, experiment_ids: list[str], parent_run_id: str) -> list:
     runs, frontier = [], [parent_run_id]
     while frontier:
-        ids = ", ".join(f"'{r}'" for r in frontier)
-        children = client.search_runs(
-            experiment_ids, filter_string=f"tags.mlflow.parentRunId IN ({ids})", max_results=5000
-        )
+        children = [  # MLflow's search takes no IN on tags: one query per parent
+            run
+            for parent in frontier
+            for run in client.search_runs(
+                experiment_ids, filter_string=f"tags.mlflow.parentRunId = '{parent}'",
+                max_results=5000,
+            )
+        ]
         runs += children
         frontier = [r.info.run_id for r in children]
     return runs

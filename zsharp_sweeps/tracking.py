@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from zsharp_sweeps.config import TrackingConfig
+from zsharp_sweeps.locks import sqlite_init_lock
 
 DEFAULT_STORE_DIR = "mlruns"
 
@@ -53,6 +55,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def override_param_key(override_key: str) -> str:
+    """A Hydra override key as an MLflow param name: ``+sweep`` -> ``sweep``; MLflow allows
+    only alphanumerics, ``_-. :/`` in names."""
+    return re.sub(r"[^\w\-. :/]", "_", override_key.lstrip("+~"))
+
+
+def overrides_as_params(overrides: Sequence[str]) -> dict[str, str]:
+    """``["a.b=1", "+sweep=x"]`` -> ``{"a.b": "1", "sweep": "x"}``."""
+    pairs = (o.split("=", 1) for o in overrides if "=" in o)
+    return {override_param_key(key): value for key, value in pairs}
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
@@ -94,11 +108,10 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             self.uri = resolve_tracking_uri(cfg)
-            if self.uri.startswith("sqlite:///"):
-                Path(self.uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
             mlflow.set_tracking_uri(self.uri)
-            self._client = MlflowClient(self.uri)
-            self.experiment_id = _retry(self._get_or_create_experiment, cfg.experiment)
+            with sqlite_init_lock(self.uri):  # first use creates/migrates the schema
+                self._client = MlflowClient(self.uri)
+                self.experiment_id = _retry(self._get_or_create_experiment, cfg.experiment)
 
     @property
     def enabled(self) -> bool:

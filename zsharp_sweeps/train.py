@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import hydra
 import numpy as np
@@ -29,9 +30,12 @@ from zsharp_sweeps.models import build_model
 from zsharp_sweeps.optim import build_optimizer
 from zsharp_sweeps.plots import plot_curves
 from zsharp_sweeps.sweep import StudyReporter, assign_device
-from zsharp_sweeps.tracking import Tracker, flatten, git_commit
+from zsharp_sweeps.tracking import Tracker, flatten, git_commit, overrides_as_params
 
 log = logging.getLogger(__name__)
+
+# An absolute path: the same whether this runs as ``__main__`` or as an imported module.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 register_configs()
 
@@ -300,13 +304,13 @@ def _record_rejected_trial(cfg: DictConfig, overrides: Sequence[str], error: Exc
     try:
         with tracker.run(run_name=f"trial-{study.trial_number}-rejected", tags=tags,
                          parent_run_id=study.parent_run_id):
-            tracker.log_params({o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o})
+            tracker.log_params(overrides_as_params(overrides))
             raise error
     except ConfigError:
         pass
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
     """Hydra's task function: one training run; returns the objective(s) for the sweeper."""
     try:
@@ -322,4 +326,9 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the copy imported under the package name, not this ``__main__`` module: parallel
+    # launchers (joblib/loky) pickle the task function by reference, which needs a module
+    # other processes can import.
+    from zsharp_sweeps.train import main as entry_point
+
+    entry_point()

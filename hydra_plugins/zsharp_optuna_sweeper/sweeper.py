@@ -40,6 +40,8 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from zsharp_sweeps.tracking import override_param_key
+
 log = logging.getLogger(__name__)
 
 WORKER_ATTR = "zsharp:worker"
@@ -149,8 +151,8 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             "study_name": study.study_name,
             "sampler": type(study.sampler).__name__,
             "directions": ",".join(d.name.lower() for d in study.directions),
-            **{f"space.{k}": repr(v) for k, v in space.items()},
-            **{f"fixed.{k}": v for k, v in fixed.items()},
+            **{f"space.{override_param_key(k)}": repr(v) for k, v in space.items()},
+            **{f"fixed.{override_param_key(k)}": v for k, v in fixed.items()},
         }
         tracker.log_params(params)
         return run.info.run_id
@@ -223,16 +225,18 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
 
         storage = self._storage_url()
         study_cfg = self._study_cfg()
+        from zsharp_sweeps.locks import sqlite_init_lock
         from zsharp_sweeps.sweep import build_pruner
 
-        study = optuna.create_study(
-            study_name=self.study_name or "study",
-            storage=storage,
-            sampler=self.sampler,
-            pruner=build_pruner(study_cfg),
-            directions=self._get_directions(),
-            load_if_exists=True,
-        )
+        with sqlite_init_lock(storage):  # parallel workers may start on a new database
+            study = optuna.create_study(
+                study_name=self.study_name or "study",
+                storage=storage,
+                sampler=self.sampler,
+                pruner=build_pruner(study_cfg),
+                directions=self._get_directions(),
+                load_if_exists=True,
+            )
         log.info(f"Study {study.study_name} in {storage} ({type(self.sampler).__name__})")
         interrupted = self._recover_interrupted(study)
         tracker = self._tracker()
