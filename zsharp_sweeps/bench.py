@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -33,7 +33,9 @@ import torch.nn.functional as F
 
 from zsharp_sweeps.config import DataConfig, ModelConfig, OptimizerConfig
 from zsharp_sweeps.engine import AMP_DTYPES
+from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.optim import build_optimizer, train_step
+from zsharp_sweeps.tables import format_table
 
 
 @dataclass
@@ -47,6 +49,7 @@ class BenchSettings:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cuda_graph: bool = False
     data: str = "cifar10"
     image_size: int | None = None
     seed: int = 0
@@ -75,13 +78,15 @@ def _setup(s: BenchSettings, optimizer_name: str):
     ).to(device)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, lr=0.01), model)
+    optimizer = build_optimizer(
+        OptimizerConfig(name=optimizer_name, lr=0.01), model, capturable=s.cuda_graph
+    )
     step_model = torch.compile(model) if s.compile else model
     return device, data, model, step_model, optimizer
 
 
-def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
-    """Median-free, honest wall time: ``steps`` full training steps after ``warmup`` ones."""
+def _make_runner(s: BenchSettings, optimizer_name: str):
+    """The trainer's step for these settings, and an endless stream of device batches."""
     device, data, model, step_model, optimizer = _setup(s, optimizer_name)
     amp_dtype = AMP_DTYPES[s.precision]
     scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
@@ -89,21 +94,32 @@ def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets)
 
+    def step(inputs: torch.Tensor, targets: torch.Tensor):
+        return train_step(step_model, optimizer, loss_fn, inputs, targets,
+                          amp_dtype=amp_dtype, scaler=scaler)
+
+    runner = CudaGraphStep(step, optimizer) if s.cuda_graph else step
+
     def batches():
         while True:
-            yield from data.train
+            for inputs, targets in data.train:
+                if s.channels_last:
+                    inputs = inputs.contiguous(memory_format=torch.channels_last)
+                yield inputs, targets
 
     stream = batches()
 
     def run(n: int) -> None:
         for _ in range(n):
-            inputs, targets = next(stream)
-            if s.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            train_step(step_model, optimizer, loss_fn, inputs, targets,
-                       amp_dtype=amp_dtype, scaler=scaler)
+            runner(*next(stream))
 
-    run(s.warmup)
+    return device, model, runner, run
+
+
+def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
+    """Wall time of ``steps`` full training steps after ``warmup`` untimed ones."""
+    device, model, runner, run = _make_runner(s, optimizer_name)
+    run(max(s.warmup, 5 if s.cuda_graph else 0))
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -111,20 +127,50 @@ def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
     run(s.steps)
     _sync(device)
     elapsed = time.perf_counter() - start
-    ms = 1000 * elapsed / s.steps
-    return {
+    row = {
+        "mode": mode_name(s),
         "optimizer": optimizer_name,
-        "ms_per_step": ms,
+        "ms_per_step": 1000 * elapsed / s.steps,
         "images_per_s": s.batch_size * s.steps / elapsed,
         "peak_mem_mib": (torch.cuda.max_memory_allocated(device) / 2**20)
         if device.type == "cuda" else math.nan,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
+    if isinstance(runner, CudaGraphStep):
+        row["graph"] = "eager-fallback" if runner.disabled else f"{runner.captures} capture(s)"
+    return row
+
+
+def mode_name(s: BenchSettings) -> str:
+    parts = [s.precision] + [n for n, on in (("cl", s.channels_last), ("compile", s.compile),
+                                             ("graph", s.cuda_graph)) if on]
+    return "+".join(parts)
+
+
+def parse_mode(text: str) -> dict[str, Any]:
+    """``bf16+cl+compile+graph`` -> BenchSettings fields."""
+    parts = text.split("+")
+    if parts[0] not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"--modes: {text!r} must start with fp32, bf16 or fp16")
+    unknown = set(parts[1:]) - {"cl", "compile", "graph"}
+    if unknown:
+        raise ValueError(f"--modes: unknown switch(es) {sorted(unknown)} in {text!r}; "
+                         "allowed cl, compile, graph")
+    return {"precision": parts[0], "channels_last": "cl" in parts,
+            "compile": "compile" in parts, "cuda_graph": "graph" in parts}
 
 
 def run_optimizers(s: BenchSettings) -> dict[str, Any]:
-    rows = [measure_optimizer(s, name) for name in s.optimizers]
-    by_name = {r["optimizer"]: r for r in rows}
+    rows = []
+    for name in s.optimizers:
+        try:
+            rows.append(measure_optimizer(s, name))
+        except Exception as exc:  # one broken variant must not hide the others' numbers
+            rows.append({"mode": mode_name(s), "optimizer": name, "error": repr(exc)[:200]})
+        if s.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    ok = [r for r in rows if "error" not in r]
+    by_name = {r["optimizer"]: r for r in ok}
     ratios = {}
     if "sam" in by_name:
         for name in ("zsharp", "asam", "fsam", "sam_magnitude", "sam_direction"):
@@ -134,30 +180,14 @@ def run_optimizers(s: BenchSettings) -> dict[str, Any]:
         for name, row in by_name.items():
             if name != "sgd":
                 ratios[f"{name}/sgd"] = row["ms_per_step"] / by_name["sgd"]["ms_per_step"]
-    return {"rows": rows, "ratios": ratios}
+    return {"rows": rows, "ratios": ratios, "mode": mode_name(s)}
 
 
 # ----- several trials on one device ------------------------------------------------------
 def _concurrent_worker(s: BenchSettings, optimizer_name: str, barrier, queue) -> None:
     torch.set_num_threads(1)
-    device, data, model, step_model, optimizer = _setup(s, optimizer_name)
-    amp_dtype = AMP_DTYPES[s.precision]
-
-    def loss_fn(logits, targets):
-        return F.cross_entropy(logits.float(), targets)
-
-    def run(n: int) -> None:
-        done = 0
-        while done < n:
-            for inputs, targets in data.train:
-                if done >= n:
-                    break
-                if s.channels_last:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                train_step(step_model, optimizer, loss_fn, inputs, targets, amp_dtype=amp_dtype)
-                done += 1
-
-    run(s.warmup)
+    device, _, _, run = _make_runner(s, optimizer_name)
+    run(max(s.warmup, 5 if s.cuda_graph else 0))
     _sync(device)
     barrier.wait()
     start = time.time()
@@ -251,8 +281,6 @@ def run_sharpness(s: BenchSettings) -> list[dict[str, Any]]:
 
 # ----- cli -------------------------------------------------------------------------------
 def _table(rows: Sequence[dict[str, Any]]) -> str:
-    from zsharp_sweeps.report import format_table
-
     return format_table(rows)
 
 
@@ -275,6 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture each whole training step in a CUDA graph")
+    parser.add_argument("--modes", default=None,
+                        help="several speed modes in one run, e.g. "
+                             "fp32,bf16+cl,bf16+cl+graph,bf16+cl+compile+graph "
+                             "(overrides --precision/--channels-last/--compile/--cuda-graph)")
     parser.add_argument("--data", default="cifar10", help="shape to imitate (synthetic data)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--concurrent", type=_ints, default=None,
@@ -292,8 +326,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device, model=args.model, optimizers=tuple(args.optimizers.split(",")),
         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
-        data=args.data, image_size=args.image_size,
+        cuda_graph=args.cuda_graph, data=args.data, image_size=args.image_size,
     )
+    try:
+        modes = [parse_mode(m) for m in args.modes.split(",")] if args.modes else None
+    except ValueError as exc:
+        parser.error(str(exc))
     env = {
         "torch": torch.__version__, "python": platform.python_version(),
         "device_name": torch.cuda.get_device_name(s.device) if s.device.startswith("cuda")
@@ -317,10 +355,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["sharpness"] = rows
         print(_table(rows))
     else:
-        out = run_optimizers(s)
-        results.update(out)
-        print(_table(out["rows"]))
-        print(_table([{k: round(v, 3) for k, v in out["ratios"].items()}]) if out["ratios"] else "")
+        runs = []
+        for mode in modes or [{}]:
+            ms = replace(s, **mode)
+            out = run_optimizers(ms)
+            runs.append(out)
+            print(_table(out["rows"]))
+            if out["ratios"]:
+                print(_table([{"mode": out["mode"],
+                               **{k: round(v, 3) for k, v in out["ratios"].items()}}]))
+            print(flush=True)
+        results["runs"] = runs
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2, default=str)

@@ -164,6 +164,9 @@ class HardwareConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # Capture the whole training step (both passes + optimizer) in one CUDA graph (CUDA,
+    # fp32/bf16 only; re-captured when the lr changes). See zsharp_sweeps/graphs.py.
+    cuda_graph: bool = False
     # CPU threads for torch (0 = torch's default).
     num_threads: int = 0
     deterministic: bool = False

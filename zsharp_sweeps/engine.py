@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from zsharp_sweeps.config import TrainConfig
+from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.optim import train_step
 from zsharp_sweeps.schedule import build_scheduler
 
@@ -99,12 +100,28 @@ def fit(
     def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
+    def step_fn(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return train_step(
+            step_model, optimizer, loss_fn, inputs, targets,
+            amp_dtype=amp_dtype, scaler=scaler,
+            freeze_bn_second_pass=cfg.optimizer.bn_second_pass == "freeze",
+            grad_clip=tcfg.grad_clip,
+        )
+
+    run_step = step_fn
+    if hw.cuda_graph:
+        if device.type != "cuda" or scaler is not None:
+            raise ValueError(
+                "hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 "
+                f"(got device {device}, precision {hw.precision})"
+            )
+        run_step = CudaGraphStep(step_fn, optimizer)
+
     steps = len(data.train)
     if tcfg.max_steps_per_epoch is not None:
         steps = min(steps, tcfg.max_steps_per_epoch)
     result = FitResult()
     best_val_acc = -math.inf
-    freeze_bn = cfg.optimizer.bn_second_pass == "freeze"
     epochs = tqdm(
         range(1, tcfg.epochs + 1), desc="epochs", unit="ep", disable=not tcfg.progress,
         leave=True, dynamic_ncols=True,
@@ -124,11 +141,7 @@ def fit(
             if step >= steps:
                 break
             inputs = _prepare(inputs, hw.channels_last)
-            loss, logits = train_step(
-                step_model, optimizer, loss_fn, inputs, targets,
-                amp_dtype=amp_dtype, scaler=scaler, freeze_bn_second_pass=freeze_bn,
-                grad_clip=tcfg.grad_clip,
-            )
+            loss, logits = run_step(inputs, targets)
             loss_sum += loss.float() * targets.numel()
             correct += (logits.argmax(dim=1) == targets).sum()
             seen += targets.numel()

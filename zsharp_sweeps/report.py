@@ -26,6 +26,8 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
+from zsharp_sweeps.tables import format_table  # noqa: E402
+
 RHO, QP, LR = "optimizer.rho", "optimizer.percentile", "optimizer.lr"
 
 
@@ -71,22 +73,6 @@ def best_settings(study: optuna.Study, top: int = 10) -> list[dict[str, Any]]:
                               for i, v in enumerate(t.values)}, **t.params}
         for t in rows
     ]
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no complete trials)"
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-
-    def fmt(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cells = [[fmt(row.get(k, "")) for k in keys] for row in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

@@ -116,6 +116,14 @@ def run_training(
     device = resolve_device(
         train_cfg.hardware.device, train_cfg.study.slot, train_cfg.hardware.trials_per_gpu
     )
+    if train_cfg.hardware.cuda_graph and (
+        device.type != "cuda" or train_cfg.hardware.precision == "fp16"
+    ):
+        raise ConfigError(
+            f"hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 (got "
+            f"device {device}, precision {train_cfg.hardware.precision}): allowed here "
+            "hardware.cuda_graph=false"
+        )
     if train_cfg.data.val_size == 0:
         raise ConfigError(
             "data.val_size=0 leaves no validation split, but the objective and best_val_acc are "
@@ -156,7 +164,9 @@ def run_training(
         ).to(device)
         if train_cfg.hardware.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(train_cfg.optimizer, model)
+        optimizer = build_optimizer(
+            train_cfg.optimizer, model, capturable=train_cfg.hardware.cuda_graph
+        )
         tracker.log_params(
             {
                 "num_params": sum(p.numel() for p in model.parameters()),

@@ -22,11 +22,14 @@ if TYPE_CHECKING:  # the optimizers themselves need no Hydra/OmegaConf
 PLAIN = ("sgd", "adam", "adamw")
 
 
-def base_optimizer(name: str, cfg: OptimizerConfig) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+def base_optimizer(
+    name: str, cfg: OptimizerConfig, capturable: bool = False
+) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The torch optimizer class for ``name`` and its keyword arguments from ``cfg``.
 
     ``adam`` is ``torch.optim.Adam`` with coupled L2 weight decay: what the ZSharp paper calls
     its "AdamW" baseline. ``adamw`` is ``torch.optim.AdamW`` (decoupled decay).
+    ``capturable``: keep Adam's step count on the device so a CUDA graph can replay the step.
     """
     if name == "sgd":
         return torch.optim.SGD, {
@@ -42,11 +45,14 @@ def base_optimizer(name: str, cfg: OptimizerConfig) -> tuple[type[torch.optim.Op
             "betas": (float(cfg.betas[0]), float(cfg.betas[1])),
             "eps": cfg.eps,
             "weight_decay": cfg.weight_decay,
+            **({"capturable": True} if capturable else {}),
         }
     raise ValueError(f"optimizer.base={name!r} is invalid: allowed one of {', '.join(PLAIN)}")
 
 
-def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimizerConfig, model: nn.Module, *, capturable: bool = False
+) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` describes, over ``model``'s trainable parameters.
 
     Plain optimizers (``sgd``, ``adam``, ``adamw``) are picked by ``cfg.name`` (``cfg.base`` is
@@ -57,9 +63,9 @@ def build_optimizer(cfg: OptimizerConfig, model: nn.Module) -> torch.optim.Optim
     if not named:
         raise ValueError("the model has no trainable parameters")
     if cfg.name in PLAIN:
-        cls, kwargs = base_optimizer(cfg.name, cfg)
+        cls, kwargs = base_optimizer(cfg.name, cfg, capturable)
         return cls([p for _, p in named], **kwargs)
-    base_cls, base_kwargs = base_optimizer(cfg.base, cfg)
+    base_cls, base_kwargs = base_optimizer(cfg.base, cfg, capturable)
     if cfg.name == "sam":
         return SAM(named, base_cls, rho=cfg.rho, adaptive=cfg.adaptive, **base_kwargs)
     if cfg.name == "asam":

@@ -39,7 +39,8 @@ def _forward(
     model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor, amp_dtype: torch.dtype | None
 ) -> tuple[Tensor, Tensor]:
     ctx = (
-        torch.autocast(device_type=inputs.device.type, dtype=amp_dtype)
+        # No weight-cast cache: it would outlive a CUDA-graph capture of the step.
+        torch.autocast(device_type=inputs.device.type, dtype=amp_dtype, cache_enabled=False)
         if amp_dtype is not None
         else contextlib.nullcontext()
     )
