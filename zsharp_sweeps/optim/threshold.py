@@ -12,10 +12,17 @@ its chunks with one small ``index_select`` and a per-tensor reduction is a row r
 followed by an ``index_add_`` over chunks. No per-element index tensor is needed.
 
 Order statistics: non-negative IEEE floats order exactly like their bit patterns read as
-signed integers, so the k-th smallest ``|z|`` of every segment is found by a bisection on the
-integer bit pattern (31 passes for float32, each pass one compare + one row count for all
-segments together). On CPU, where a per-tensor quickselect is cheaper than 31 full passes,
-``torch.kthvalue`` gives the same value ("auto" picks per device). Both give identical bits.
+signed integers, so the k-th smallest ``|z|`` of every segment is an integer order statistic.
+Three exact methods, identical bits ("auto" picks per device):
+
+* ``radix`` (accelerators): sort every ``CHUNK`` row once (one batched small-row sort), then a
+  most-significant-digit-first radix select, 7 + 8 + 8 + 8 bits for float32: per pass, the
+  per-segment cumulative histogram of the digit (within the prefix found so far) comes from
+  binary searches of the 255 bin boundaries in every sorted row plus an integer ``index_add_``
+  over chunks. After the sort nothing touches the full buffer: ~40 small kernels in all.
+* ``bisect``: a bisection on the bit pattern, 31 passes over the full buffer (one compare +
+  one row count each); kept as a reference.
+* ``kthvalue`` (CPU): a per-tensor quickselect, cheapest where kernels are free.
 
 The threshold itself: ``torch.quantile`` returns ``tau = lerp(a_j, a_c, w)`` with ``a`` the
 sorted values, ``j = floor(rank)``, ``c = ceil(rank)``, ``w = rank - j`` and
@@ -44,15 +51,18 @@ CHUNK = 1024
 #: Integer dtype whose bit pattern orders like the (non-negative) float of the same width.
 _INT_FOR = {torch.float32: torch.int32, torch.float64: torch.int64}
 
-METHODS = ("auto", "bisect", "kthvalue")
+METHODS = ("auto", "radix", "bisect", "kthvalue")
+
+#: Bits resolved per pass of the radix select (255 candidate splits per segment and pass).
+RADIX_BITS = 8
 
 
 def resolve_method(method: str, device: torch.device) -> str:
-    """``auto`` = quickselect per tensor on CPU, batched bisection elsewhere (no host syncs)."""
+    """``auto`` = quickselect per tensor on CPU, batched radix select elsewhere (no host syncs)."""
     if method not in METHODS:
         raise ValueError(f"threshold method={method!r} is invalid: allowed one of {METHODS}")
     if method == "auto":
-        return "kthvalue" if device.type == "cpu" else "bisect"
+        return "kthvalue" if device.type == "cpu" else "radix"
     return method
 
 
@@ -92,6 +102,7 @@ class SegmentLayout:
     numel_t: Tensor  # int64 [k]
     seg_start: Tensor  # int64 [k]: flat index of each segment's first entry
     _ranks: dict[float, RankInfo] = field(default_factory=dict)
+    _radix: list[tuple[int, Tensor]] | None = None
 
     @classmethod
     def build(
@@ -175,6 +186,27 @@ class SegmentLayout:
         """Per-segment minimum of an integer ``[num_chunks, chunk]`` buffer."""
         out = torch.full((self.k,), fill, dtype=values.dtype, device=self.device)
         return out.scatter_reduce_(0, self.chunk_seg, values.amin(1), reduce="amin")
+
+    def radix_passes(self) -> list[tuple[int, Tensor]]:
+        """The radix select's digits, most significant first: ``(shift, splits)`` per pass.
+
+        A pass refines a range ``[lo, lo + 2^(shift + width))`` (``lo`` a multiple of that
+        width) into ``2^width`` bins of ``2^shift`` patterns; ``splits`` holds the last pattern
+        of every bin but the top one, relative to ``lo`` (``(b + 1) * 2^shift - 1``). The
+        non-negative patterns span 31 (63) bits: a 7-bit top digit, then 8-bit digits.
+        Device constants, built once per layout.
+        """
+        if self._radix is None:
+            total = torch.iinfo(self.int_dtype).bits - 1
+            passes: list[tuple[int, Tensor]] = []
+            shift = total
+            while shift > 0:
+                width = min(RADIX_BITS, shift - (shift - 1) // RADIX_BITS * RADIX_BITS)
+                shift -= width
+                splits = (torch.arange(1, 2**width, dtype=torch.int64) << shift) - 1
+                passes.append((shift, _to_device(splits.to(self.int_dtype), self.device)))
+            self._radix = passes
+        return self._radix
 
     def ranks(self, q: float) -> RankInfo:
         """torch.quantile's rank arithmetic for ``q``, per segment (cached)."""
@@ -273,6 +305,41 @@ def _int_max(dtype: torch.dtype) -> int:
     return torch.iinfo(dtype).max
 
 
+def sort_chunks(bits: Tensor) -> Tensor:
+    """Each ``chunk`` row of a packed integer buffer sorted ascending (padding, the maximum,
+    last). One batched small-row sort; every later count is a binary search in these rows."""
+    return torch.sort(bits, dim=1).values
+
+
+def radix_select(rows: Tensor, layout: SegmentLayout, rank: Tensor) -> Tensor:
+    """Per segment, the ``rank``-th smallest (1-based) pattern of sorted packed rows.
+
+    Radix select, most significant digit first: each pass counts, for every segment and each
+    of the ``2^width - 1`` bin boundaries of the current digit, the entries ``<=`` that
+    boundary (a binary search per chunk row, summed over the segment's chunks with integer
+    adds, so exact), and keeps the first bin whose cumulative count reaches ``rank``. That is
+    a 256-bin histogram of the digit restricted to the prefix found so far, without touching
+    the ``[num_chunks, chunk]`` buffer again: 4 passes of small ``[num_chunks, 255]`` work for
+    float32 (8 for float64), static shapes, no host synchronisation.
+
+    Boundaries stay below the integer maximum, so padding is never counted; a rank above the
+    segment size ends on the maximum, returned (like :func:`kth_smallest_bits`) as
+    ``max - 1``. Returns ``[k]`` in the rows' dtype.
+    """
+    int_max = _int_max(rows.dtype)
+    lo = torch.zeros(layout.k, dtype=rows.dtype, device=rows.device)
+    want = rank.unsqueeze(1)
+    for shift, splits in layout.radix_passes():
+        bounds = (lo.unsqueeze(1) + splits).index_select(0, layout.chunk_seg)
+        per_chunk = torch.searchsorted(rows, bounds, right=True, out_int32=True)
+        counts = torch.zeros(
+            (layout.k, splits.numel()), dtype=torch.int32, device=rows.device
+        ).index_add_(0, layout.chunk_seg, per_chunk)
+        below = (counts < want).sum(1, dtype=rows.dtype)  # bins ending before the rank
+        lo = lo + (below << shift)
+    return lo.clamp_(max=int_max - 1)
+
+
 def kth_smallest_bits(
     bits: Tensor,
     layout: SegmentLayout,
@@ -287,6 +354,8 @@ def kth_smallest_bits(
     Returns int64 ``[k]``.
     """
     int_max = _int_max(bits.dtype)
+    if method == "radix":
+        return radix_select(sort_chunks(bits), layout, rank).to(torch.int64)
     if method == "kthvalue":
         ranks = rank_list if rank_list is not None else rank.tolist()
         out = []
@@ -309,7 +378,7 @@ def kth_smallest_bits(
         ok = count >= rank
         hi = torch.where(ok, mid, hi)
         lo = torch.where(ok, lo, mid + 1)
-    return lo
+    return lo.clamp_(max=int_max - 1)  # a rank above the segment size ran past hi
 
 
 def quantile_threshold(
@@ -328,6 +397,17 @@ def quantile_threshold(
     bits = values.view(layout.int_dtype)
     int_max = _int_max(bits.dtype)
     info = layout.ranks(q)
+    if method == "radix":
+        rows = sort_chunks(bits)
+        below = radix_select(rows, layout, info.below + 1)
+        # count(<= a_j) and the smallest pattern > a_j, per chunk row by binary search.
+        pos = torch.searchsorted(rows, layout.per_chunk(below), right=True)  # [num_chunks, 1]
+        n_le = layout.seg_sum(pos.squeeze(1))
+        first_above = rows.gather(1, pos.clamp(max=layout.chunk - 1))
+        first_above = torch.where(pos < layout.chunk, first_above, int_max)
+        nxt = layout.seg_min(first_above, int_max)
+        above = torch.where(info.exact | (n_le >= info.below + 2), below, nxt)
+        return _lerp_threshold(below, above, has_nan, info, layout)
     below = kth_smallest_bits(
         bits, layout, info.below + 1, method, rank_list=[j + 1 for j in info.below_list]
     )
@@ -336,8 +416,15 @@ def quantile_threshold(
     n_le = layout.seg_count(bits <= below_c)
     nxt = layout.seg_min(torch.where(bits > below_c, bits, int_max), int_max).to(torch.int64)
     above = torch.where(info.exact | (n_le >= info.below + 2), below, nxt)
-    a_below = below.to(bits.dtype).view(layout.dtype)
-    a_above = above.to(bits.dtype).view(layout.dtype)
+    return _lerp_threshold(below, above, has_nan, info, layout)
+
+
+def _lerp_threshold(
+    below: Tensor, above: Tensor, has_nan: Tensor, info: RankInfo, layout: SegmentLayout
+) -> Tensor:
+    """quantile's ``lerp(a_j, a_c, w)`` from the two order statistics' bit patterns."""
+    a_below = below.to(layout.int_dtype).view(layout.dtype)
+    a_above = above.to(layout.int_dtype).view(layout.dtype)
     tau = torch.lerp(a_below, a_above, info.weight)
     return torch.where(has_nan, torch.full_like(tau, math.nan), tau)
 

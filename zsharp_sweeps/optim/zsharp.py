@@ -71,7 +71,7 @@ class ZSharp(SAMBase):
 
     ``ZSharp(model.parameters(), torch.optim.SGD, rho=0.05, percentile=0.95, lr=0.1,
     momentum=0.9)``. ``threshold_method`` picks how the order statistic is found ("auto":
-    quickselect on CPU, batched bisection elsewhere); all methods give identical results.
+    quickselect on CPU, batched radix select elsewhere); all methods give identical results.
     """
 
     def __init__(
