@@ -57,3 +57,6 @@ def make_cfg(mlflow_uri: str, experiment_name: str) -> Callable[..., DictConfig]
             return compose(config_name="config", overrides=all_overrides)
 
     return _make
+
+# GPU-only tests: collected where CUDA exists, absent (not skipped) elsewhere.
+collect_ignore = [] if torch.cuda.is_available() else ["gpu"]

@@ -332,9 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--optimizers", default="sgd,sam,zsharp",
                         help="comma-separated optimizer names (conf/optimizer)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per optimizer")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default 128 on CUDA, 32 on CPU")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per optimizer (default 50 on CUDA, 3 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default 10 on CUDA, 1 on CPU)")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -355,6 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sharpness", action="store_true", help="cost of sharpness metrics")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    on_gpu = args.device.startswith("cuda")
+    args.batch_size = args.batch_size or (128 if on_gpu else 32)
+    args.steps = args.steps or (50 if on_gpu else 3)
+    args.warmup = (10 if on_gpu else 1) if args.warmup is None else args.warmup
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch-size and --steps must be >= 1, --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
