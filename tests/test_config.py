@@ -82,3 +82,17 @@ def test_wrong_type_is_a_config_error() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         with pytest.raises(Exception, match="optimizer.rho|rho"):
             compose(config_name="config", overrides=["optimizer.rho=abc"])
+
+
+@pytest.mark.parametrize("sweep", _options("sweep"))
+def test_every_sweep_composes_with_our_sweeper(sweep: str) -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"+sweep={sweep}", "data=digits"],
+                      return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("ZSharpOptunaSweeper")
+    assert sweeper.sampler._target_.startswith(("optuna.samplers.", "hydra_plugins."))
+    assert sweeper.study_name.startswith(sweep)
+    assert cfg.hydra.sweep.dir == f"multirun/{sweeper.study_name}"
+    assert sweeper.params, "a sweep without a search space"
+    validate(cfg)

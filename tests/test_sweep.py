@@ -242,3 +242,24 @@ def test_paired_test_across_seeds() -> None:
     assert paired["n"] == 2  # seeds both ran
     with pytest.raises(ValueError, match="adamw"):
         compare(by_seed, "zsharp", "adamw")
+
+
+def test_multi_objective_sweep_accuracy_vs_sharpness(tmp_path: Path) -> None:
+    study_name = "acc_vs_sharpness-mlp-digits"
+    proc = subprocess.run(
+        [sys.executable, "-m", "zsharp_sweeps.train", "--multirun", "+sweep=acc_vs_sharpness",
+         *SWEEP[2:-1], "hydra.sweeper.n_trials=2"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    study = _study(tmp_path, study_name)
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    _, _, children = _mlflow(tmp_path)
+    by_trial = {int(c.data.tags["trial_number"]): c for c in children}
+    for trial in study.trials:
+        accuracy, sharpness = trial.values
+        run = by_trial[trial.number]
+        assert accuracy == pytest.approx(run.data.metrics["best_val_acc"])
+        assert sharpness == pytest.approx(run.data.metrics["sharpness/sam"])  # last epoch's
+    assert (tmp_path / "multirun" / study_name / "report" / "pareto.png").is_file()

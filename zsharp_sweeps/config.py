@@ -335,8 +335,14 @@ def validate(cfg: DictConfig | dict) -> TrainConfig:
     The ``hydra`` node is dropped first.
     Raises ``ConfigError`` (a ``ValueError``) naming the first bad setting.
     """
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    container = {k: v for k, v in dict(container).items() if k != "hydra"}
+    if isinstance(cfg, DictConfig):  # resolve section by section: never the hydra node
+        container = {
+            k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
+            else cfg[k]
+            for k in cfg if k != "hydra"
+        }
+    else:
+        container = {k: v for k, v in dict(cfg).items() if k != "hydra"}
     schema = OmegaConf.structured(TrainConfig)
     try:
         merged = OmegaConf.merge(schema, container)
