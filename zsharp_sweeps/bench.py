@@ -284,13 +284,21 @@ def run_loader(s: BenchSettings, workers: Sequence[int], epochs: int = 2) -> lis
 
 
 # ----- sharpness -------------------------------------------------------------------------
-def run_sharpness(s: BenchSettings) -> list[dict[str, Any]]:
-    """Seconds per call of each sharpness metric at the trainer's default settings."""
+def run_sharpness(
+    s: BenchSettings, eig_iters: int | None = None, trace_samples: int | None = None
+) -> list[dict[str, Any]]:
+    """Seconds per call of each sharpness metric at the trainer's default settings
+    (``conf/sharpness/default.yaml``), or with fewer power iterations / Hutchinson samples
+    to measure the per-iteration cost on slow machines."""
     from zsharp_sweeps.config import SharpnessConfig
     from zsharp_sweeps.metrics.sharpness import hessian_top_eigenvalue, hessian_trace, sam_sharpness
 
     device, data, model, _, _ = _setup(s, "sgd")
     cfg = SharpnessConfig()
+    if eig_iters is not None:
+        cfg = replace(cfg, eig_iters=eig_iters, eig_tol=0.0)
+    if trace_samples is not None:
+        cfg = replace(cfg, trace_samples=trace_samples)
     batches = data.fixed_batches(cfg.num_batches, cfg.batch_size)
 
     def loss_fn(logits, targets):
@@ -310,7 +318,8 @@ def run_sharpness(s: BenchSettings) -> list[dict[str, Any]]:
         value = call()
         _sync(device)
         rows.append({"metric": name, "seconds": time.perf_counter() - start, "value": value,
-                     "batches": f"{cfg.num_batches}x{cfg.batch_size}"})
+                     "batches": f"{cfg.num_batches}x{cfg.batch_size}",
+                     "eig_iters": cfg.eig_iters, "trace_samples": cfg.trace_samples})
     return rows
 
 
@@ -356,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loader", action="store_true", help="benchmark the data loaders")
     parser.add_argument("--loader-workers", type=_ints, default=[2, 8])
     parser.add_argument("--sharpness", action="store_true", help="cost of sharpness metrics")
+    parser.add_argument("--sharpness-eig-iters", type=int, default=None,
+                        help="with --sharpness: run exactly this many power iterations")
+    parser.add_argument("--sharpness-trace-samples", type=int, default=None,
+                        help="with --sharpness: this many Hutchinson samples")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
@@ -400,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["loader"] = rows
         print(_table(rows))
     elif args.sharpness:
-        rows = run_sharpness(s)
+        rows = run_sharpness(s, args.sharpness_eig_iters, args.sharpness_trace_samples)
         results["sharpness"] = rows
         print(_table(rows))
     else:
