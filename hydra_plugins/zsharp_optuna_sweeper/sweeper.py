@@ -178,12 +178,14 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         tracker.set_tags(tags)
         tracker.log_metrics(metrics, step=len(trials))
         if status == "FINISHED":
-            with contextlib.suppress(Exception):
-                from zsharp_sweeps.report import write_report
+            from zsharp_sweeps.report import write_report
 
-                out = Path(str(self.config.hydra.sweep.dir)) / "report"
+            out = Path(str(self.config.hydra.sweep.dir)) / "report"
+            try:  # a report problem must not fail a finished sweep; say so and go on
                 for path in write_report(study, out, tracker=tracker):
                     tracker.log_artifact(path, "report")
+            except Exception as exc:
+                log.warning(f"Could not write the sweep report to {out}: {exc!r}")
         tracker._client.set_terminated(tracker.run_id, status=status)
 
     def _close_orphan_runs(self, tracker, study: optuna.Study, numbers: list[int]) -> None:
