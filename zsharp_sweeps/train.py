@@ -129,6 +129,9 @@ def run_training(
             "data.val_size=0 leaves no validation split, but the objective and best_val_acc are "
             "measured on it (the test set is never tuned on): allowed data.val_size >= 1"
         )
+    if device.type == "cuda" and device.index is not None:
+        # Streams, CUDA graphs and cuDNN work on the *current* device: make it this trial's.
+        torch.cuda.set_device(device)
     if train_cfg.hardware.num_threads:
         torch.set_num_threads(train_cfg.hardware.num_threads)
     seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
