@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from zsharp_sweeps.build import build_parts
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
@@ -25,23 +26,15 @@ from zsharp_sweeps.config import (
     TrainConfig,
     TrainerConfig,
 )
-from zsharp_sweeps.data import build_data
 from zsharp_sweeps.engine import AMP_DTYPES, fit
 from zsharp_sweeps.graphs import CudaGraphStep
-from zsharp_sweeps.models import build_model
-from zsharp_sweeps.optim import build_optimizer, train_step
+from zsharp_sweeps.optim import train_step
 from zsharp_sweeps.tables import format_table
 
 
 def _parts(cfg: TrainConfig, device: torch.device):
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data, device, cfg.seed)
-    model = build_model(cfg.model, in_channels=data.in_channels, num_classes=data.num_classes,
-                        image_size=data.image_size).to(device)
-    if cfg.hardware.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model, capturable=cfg.hardware.cuda_graph)
-    return data, model, optimizer
+    return build_parts(cfg, device)
 
 
 def first_losses(cfg: TrainConfig, device: torch.device, n: int = 5) -> list[float]:

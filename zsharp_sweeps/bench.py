@@ -31,10 +31,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zsharp_sweeps.config import DataConfig, ModelConfig, OptimizerConfig
+from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.config import (
+    DataConfig,
+    HardwareConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TrainConfig,
+)
 from zsharp_sweeps.engine import AMP_DTYPES
 from zsharp_sweeps.graphs import CudaGraphStep
-from zsharp_sweeps.optim import build_optimizer, train_step
+from zsharp_sweeps.optim import train_step
 from zsharp_sweeps.tables import format_table
 
 
@@ -61,26 +68,20 @@ def _sync(device: torch.device) -> None:
 
 
 def _setup(s: BenchSettings, optimizer_name: str):
-    from zsharp_sweeps.data import build_data
-    from zsharp_sweeps.models import build_model
-
+    """The trainer's parts (``build_parts``) on CIFAR-shaped synthetic data."""
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
     size = s.batch_size * max(s.steps + s.warmup, 8)
-    data = build_data(
-        DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
-                   val_size=64, batch_size=s.batch_size, image_size=s.image_size),
-        device, s.seed,
+    cfg = TrainConfig(
+        data=DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
+                        val_size=64, batch_size=s.batch_size, image_size=s.image_size),
+        model=ModelConfig(name=s.model),
+        optimizer=OptimizerConfig(name=optimizer_name, lr=0.01),
+        hardware=HardwareConfig(device=s.device, precision=s.precision,
+                                channels_last=s.channels_last, cuda_graph=s.cuda_graph),
+        seed=s.seed,
     )
-    model = build_model(
-        ModelConfig(name=s.model), in_channels=data.in_channels,
-        num_classes=data.num_classes, image_size=data.image_size,
-    ).to(device)
-    if s.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(
-        OptimizerConfig(name=optimizer_name, lr=0.01), model, capturable=s.cuda_graph
-    )
+    data, model, optimizer = build_parts(cfg, device)
     step_model = torch.compile(model) if s.compile else model
     return device, data, model, step_model, optimizer
 

@@ -22,12 +22,16 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from zsharp_sweeps.config import ConfigError, TrainConfig, register_configs, validate
-from zsharp_sweeps.data import build_data
+from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.config import (
+    ConfigError,
+    TrainConfig,
+    register_configs,
+    section,
+    validate,
+)
 from zsharp_sweeps.engine import EpochCallback, fit
 from zsharp_sweeps.metrics.sharpness import compute_sharpness
-from zsharp_sweeps.models import build_model
-from zsharp_sweeps.optim import build_optimizer
 from zsharp_sweeps.plots import plot_curves
 from zsharp_sweeps.sweep import StudyReporter, assign_device
 from zsharp_sweeps.tracking import Tracker, flatten, git_commit, overrides_as_params
@@ -99,6 +103,16 @@ def _sharpness_fn(cfg: TrainConfig, data):
     return measure
 
 
+def default_run_name(cfg: TrainConfig) -> str:
+    """``tracking.run_name``, else ``<optimizer>-<model>-<dataset>``."""
+    return cfg.tracking.run_name or f"{cfg.optimizer.name}-{cfg.model.name}-{cfg.data.name}"
+
+
+def identity_tags(cfg: TrainConfig) -> dict[str, str]:
+    """The tags the MLflow UI filters and groups runs by."""
+    return {"optimizer": cfg.optimizer.name, "model": cfg.model.name, "dataset": cfg.data.name}
+
+
 def run_training(
     cfg: DictConfig | TrainConfig,
     *,
@@ -138,38 +152,19 @@ def run_training(
     resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
 
     tracker = Tracker(train_cfg.tracking)
-    tags = {
-        "optimizer": train_cfg.optimizer.name,
-        "model": train_cfg.model.name,
-        "dataset": train_cfg.data.name,
-        "device": str(device),
-        **(run_tags or {}),
-    }
+    tags = {**identity_tags(train_cfg), "device": str(device), **(run_tags or {})}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
-    run_name = train_cfg.tracking.run_name or (
-        f"{train_cfg.optimizer.name}-{train_cfg.model.name}-{train_cfg.data.name}"
-    )
+    run_name = default_run_name(train_cfg)
     started = time.perf_counter()
     with tracker.run(run_name=run_name, tags=tags, parent_run_id=parent_run_id):
         tracker.log_params(flatten(resolved))
         tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
         tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
-        data = build_data(train_cfg.data, device, train_cfg.seed)
-        model = build_model(
-            train_cfg.model,
-            in_channels=data.in_channels,
-            num_classes=data.num_classes,
-            image_size=data.image_size,
-        ).to(device)
-        if train_cfg.hardware.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(
-            train_cfg.optimizer, model, capturable=train_cfg.hardware.cuda_graph
-        )
+        data, model, optimizer = build_parts(train_cfg, device)
         tracker.log_params(
             {
                 "num_params": sum(p.numel() for p in model.parameters()),
@@ -235,10 +230,9 @@ def run_experiment(cfg: TrainConfig, *, overrides: Sequence[str] = ()) -> dict[s
         )
 
     tracker = Tracker(cfg.tracking)
-    name = cfg.tracking.run_name or f"{cfg.optimizer.name}-{cfg.model.name}-{cfg.data.name}"
+    name = default_run_name(cfg)
     group_tags = {
-        **tags, "optimizer": cfg.optimizer.name, "model": cfg.model.name,
-        "dataset": cfg.data.name, "n_seeds": str(study.n_seeds),
+        **tags, **identity_tags(cfg), "n_seeds": str(study.n_seeds),
     }
     with tracker.run(run_name=f"{name}-x{study.n_seeds}seeds", tags=group_tags,
                      parent_run_id=study.parent_run_id):
@@ -303,11 +297,8 @@ def _is_multirun() -> bool:
 
 def _record_rejected_trial(cfg: DictConfig, overrides: Sequence[str], error: Exception) -> None:
     """A sweep trial whose config is invalid still gets its (FAILED) MLflow child run."""
-    from zsharp_sweeps.config import StudyConfig, TrackingConfig
-
     try:
-        tracking = TrackingConfig(**OmegaConf.to_container(cfg.tracking, resolve=True))
-        study = StudyConfig(**OmegaConf.to_container(cfg.study, resolve=True))
+        tracking, study = section(cfg, "tracking"), section(cfg, "study")
     except Exception:  # the tracking section itself is broken: nothing to record into
         return
     if not tracking.enabled or study.trial_number is None:
