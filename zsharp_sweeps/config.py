@@ -368,6 +368,16 @@ GROUP_SCHEMAS: dict[str, type] = {
 }
 
 
+def section(cfg: DictConfig, group: str):
+    """One group of a composed config as its validated schema (e.g. ``TrackingConfig``),
+    without validating the rest: the sweeper and a rejected trial need tracking and study
+    settings even when another section is invalid. Keys the schema lacks are ignored."""
+    schema = GROUP_SCHEMAS[group]
+    node = cfg.get(group)
+    raw = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    return schema(**{k: v for k, v in (raw or {}).items() if k in schema.__annotations__})
+
+
 def register_configs() -> None:
     """Store each group's schema as ``<group>/_schema`` so every YAML option can start
     from it (``defaults: [_schema, _self_]``): any schema key can then be overridden from

@@ -40,7 +40,8 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from zsharp_sweeps.tracking import override_param_key
+from zsharp_sweeps.config import section
+from zsharp_sweeps.tracking import Tracker, override_param_key
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +96,6 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{sweep_dir / 'optuna.db'}"
 
-    def _study_cfg(self):
-        from zsharp_sweeps.config import StudyConfig
-
-        raw = OmegaConf.to_container(self.config.get("study", {}), resolve=True) or {}
-        return StudyConfig(**{k: v for k, v in raw.items() if k in StudyConfig.__annotations__})
-
     def _recover_interrupted(self, study: optuna.Study) -> list[int]:
         """Trials left RUNNING by a dead sweep process on this host: FAIL them, retry them."""
         recovered = []
@@ -119,16 +114,6 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         return recovered
 
     # ----- mlflow ------------------------------------------------------------------------
-    def _tracker(self):
-        from zsharp_sweeps.config import TrackingConfig
-        from zsharp_sweeps.tracking import Tracker
-
-        raw = OmegaConf.to_container(self.config.get("tracking", {}), resolve=True) or {}
-        cfg = TrackingConfig(
-            **{k: v for k, v in raw.items() if k in TrackingConfig.__annotations__}
-        )
-        return Tracker(cfg)
-
     def _parent_run(self, tracker, study: optuna.Study, space: dict, fixed: dict) -> str | None:
         """The study's MLflow parent run: created once, reopened by resumes and other workers."""
         if not tracker.enabled:
@@ -226,7 +211,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             space.pop(name, None)
 
         storage = self._storage_url()
-        study_cfg = self._study_cfg()
+        study_cfg = section(self.config, "study")
         from zsharp_sweeps.locks import sqlite_init_lock
         from zsharp_sweeps.sweep import build_pruner
 
@@ -241,7 +226,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             )
         log.info(f"Study {study.study_name} in {storage} ({type(self.sampler).__name__})")
         interrupted = self._recover_interrupted(study)
-        tracker = self._tracker()
+        tracker = Tracker(section(self.config, "tracking"))
         parent_run_id = self._parent_run(tracker, study, space, fixed_params)
         self._close_orphan_runs(tracker, study, interrupted)
 
