@@ -21,28 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsharp_sweeps.models.registry import check_positive_int, register_model
-
-
-class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN + (projection) shortcut, then ReLU."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+from zsharp_sweeps.models.resnet_cifar import BasicBlock
 
 
 class ResNet(nn.Module):
@@ -65,7 +44,9 @@ class ResNet(nn.Module):
             planes = base_width * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(BasicBlock(in_planes, planes, 2 if i > 0 and j == 0 else 1))
+                blocks.append(
+                    BasicBlock(in_planes, planes, 2 if i > 0 and j == 0 else 1, "projection")
+                )
                 in_planes = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

@@ -52,19 +52,31 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU (He et al. 2016)."""
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU (He et al. 2016).
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    ``shortcut`` where the shape changes: ``"pad"`` (option A, zero-padding, no parameters:
+    the CIFAR ResNets) or ``"projection"`` (option B, 1x1 conv + BN: ResNet-18).
+    """
+
+    def __init__(
+        self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "pad"
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut: nn.Module = (
-            PadShortcut(in_planes, planes, stride)
-            if stride != 1 or in_planes != planes
-            else nn.Identity()
-        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "pad":
+                self.shortcut = PadShortcut(in_planes, planes, stride)
+            elif shortcut == "projection":
+                self.shortcut = nn.Sequential(
+                    nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                    nn.BatchNorm2d(planes),
+                )
+            else:
+                raise ValueError(f"shortcut={shortcut!r}: allowed 'pad' or 'projection'")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
