@@ -24,8 +24,8 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
         cfg = compose(config_name="config", overrides=[f"{group}={option}"])
     train_cfg = validate(cfg)
     section = getattr(train_cfg, group)
-    if hasattr(section, "name"):
-        assert section.name == option or group == "data" and option == section.name
+    if group in ("data", "model", "optimizer"):  # the option file names its own choice
+        assert section.name == option
     assert cfg[group] is not None
 
 
