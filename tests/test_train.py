@@ -17,7 +17,7 @@ from .conftest import REPO
 
 EPOCH_METRICS = [
     "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
-    "epoch_time_s", "sharpness/sam",
+    "epoch_time_s", "train_images_per_s", "sharpness/sam",
 ]
 FINAL_METRICS = ["best_val_acc", "final_test_acc"]
 
@@ -46,6 +46,10 @@ def test_short_digits_run_records_every_metric(
         assert sorted(m.step for m in history) == [1, 2], key
     for key in FINAL_METRICS:
         assert key in run.data.metrics
+    # Throughput counts exactly the images trained on: 3 full batches per epoch here.
+    times = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "epoch_time_s")}
+    for m in client.get_metric_history(run.info.run_id, "train_images_per_s"):
+        assert m.value * times[m.step] == pytest.approx(3 * cfg.data.batch_size, rel=1e-3)
     assert 0.0 <= run.data.metrics["final_test_acc"] <= 1.0
     assert run.data.params["optimizer.name"] == optimizer
     assert run.data.params["data.name"] == "digits"

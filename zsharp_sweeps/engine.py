@@ -150,11 +150,15 @@ def fit(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_loss = loss_sum.item() / max(seen, 1)
+        train_time = time.perf_counter() - start
         metrics: dict[str, float] = {
             "train_loss": train_loss,
             "train_acc": correct.item() / max(seen, 1),
             "lr": lr,
-            "epoch_time_s": time.perf_counter() - start,
+            "epoch_time_s": train_time,
+            # Training images per second of this epoch's loop (no evaluation, no sharpness):
+            # what a sweep's throughput is made of, comparable across runs and devices.
+            "train_images_per_s": seen / max(train_time, 1e-9),
         }
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
