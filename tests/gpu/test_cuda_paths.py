@@ -10,3 +10,34 @@ from ..test_optim_threshold import radix_steps_match_cpu
 
 def test_radix_on_cuda_is_sync_free_and_equals_cpu() -> None:
     radix_steps_match_cpu(torch.device("cuda"))
+
+
+def _zsharp_perturbations(stats_streams: int, grads: list[torch.Tensor], graph: bool) -> list[torch.Tensor]:
+    from zsharp_sweeps.optim.zsharp import ZSharp
+
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    opt = ZSharp(params, torch.optim.SGD, lr=0.1, stats_streams=stats_streams)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    groups = opt._with_grads()
+    out = opt._perturbation(groups)  # eager warm-up: layout, constants, quantile probe
+    if not graph:
+        return [e.clone() for e in out]
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = opt._perturbation(groups)
+    g.replay()
+    torch.cuda.synchronize()
+    return [e.clone() for e in out]
+
+
+def test_side_stream_statistics_give_the_same_bits_eager_and_in_a_graph() -> None:
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(64, 3, 3, 3), (384, 1536), (7, 5), (1, 65, 384), (10,), (384,)] * 8
+    grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    want = _zsharp_perturbations(0, grads, graph=False)
+    for streams in (1, 4, 8):
+        for graph in (False, True):
+            got = _zsharp_perturbations(streams, grads, graph=graph)
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (streams, graph)

@@ -429,17 +429,73 @@ def _lerp_threshold(
     return torch.where(has_nan, torch.full_like(tau, math.nan), tau)
 
 
-def abs_zscores(grads: Sequence[Tensor], packed: Tensor, layout: SegmentLayout) -> tuple[Tensor, Tensor]:
+class TensorStats:
+    """Per-tensor ``mean()`` and unbiased ``std()``, started early and collected later.
+
+    Why: these are ZSharp's dominant cost on a GPU. They must stay one ``Tensor.mean()`` and
+    one ``Tensor.std()`` kernel per tensor (a batched segment reduction sums in another order
+    and moves boundary entries of ``z`` by an ulp, see :func:`abs_zscores`), and ~2 x 50
+    tiny reductions issued one after another leave the GPU idle between them: 0.56 ms on
+    ResNet-56 and 0.80 ms on ViT-CIFAR per step, on an H100 inside a CUDA graph. On CUDA they
+    are spread over ``streams`` side streams (fork from the current stream, join in
+    :meth:`collect`), so they run concurrently with each other and with whatever the current
+    stream does meanwhile (packing, the global norm); 4 streams cut them to 0.16 / 0.28 ms.
+    The kernels are the same, so the values are bit for bit the same. Works inside CUDA graph
+    capture (the fork/join becomes parallel branches of the graph).
+    """
+
+    def __init__(
+        self, tensors: Sequence[Tensor], dtype: torch.dtype, streams: Sequence[torch.cuda.Stream] = ()
+    ) -> None:
+        def cast(t: Tensor) -> Tensor:
+            return t if t.dtype == dtype else t.to(dtype)
+
+        tensors = list(tensors)
+        self._streams = list(streams)[: len(tensors)] if tensors and tensors[0].is_cuda else []
+        if not self._streams:
+            self.means = torch.stack([cast(t).mean() for t in tensors])
+            self.stds = torch.stack([cast(t).std() for t in tensors])
+            return
+        self._main = torch.cuda.current_stream(tensors[0].device)
+        # Outputs belong to the current stream; each side stream fills a contiguous block of
+        # them and keeps its temporaries (casts, 0-dim results) to itself, so no
+        # record_stream is needed.
+        self.means = torch.empty(len(tensors), dtype=dtype, device=tensors[0].device)
+        self.stds = torch.empty_like(self.means)
+        n, k = len(tensors), len(self._streams)
+        for i, stream in enumerate(self._streams):
+            block = tensors[i * n // k : (i + 1) * n // k]
+            stream.wait_stream(self._main)
+            with torch.cuda.stream(stream):
+                src = [cast(t) for t in block]
+                torch.stack([t.mean() for t in src], out=self.means[i * n // k : (i + 1) * n // k])
+                torch.stack([t.std() for t in src], out=self.stds[i * n // k : (i + 1) * n // k])
+
+    def collect(self) -> tuple[Tensor, Tensor]:
+        """``(means [k], stds [k])``, usable on the current stream (joins the side streams)."""
+        for stream in self._streams:
+            self._main.wait_stream(stream)
+        self._streams = []
+        return self.means, self.stds
+
+
+def abs_zscores(
+    grads: Sequence[Tensor],
+    packed: Tensor,
+    layout: SegmentLayout,
+    stats: TensorStats | None = None,
+) -> tuple[Tensor, Tensor]:
     """``|z|`` of every segment, packed, with padding set to the integer-maximum NaN.
 
     The mean and unbiased std are computed per tensor with ``Tensor.mean()``/``Tensor.std()``,
     exactly as the official code does, so ``z`` matches it bit for bit (a batched segment
-    reduction would sum in another order and move boundary entries by an ulp).
-    Returns ``(abs_z [num_chunks, chunk], has_nan [k])``.
+    reduction would sum in another order and move boundary entries by an ulp). ``stats`` may
+    carry them already started (:class:`TensorStats`). Returns
+    ``(abs_z [num_chunks, chunk], has_nan [k])``.
     """
-    src = [g if g.dtype == layout.dtype else g.to(layout.dtype) for g in grads]
-    means = torch.stack([g.mean() for g in src])
-    stds = torch.stack([g.std() for g in src])
+    if stats is None:
+        stats = TensorStats(grads, layout.dtype)
+    means, stds = stats.collect()
     z = (packed - layout.per_chunk(means)) / layout.per_chunk(stds + 1e-12)
     z.abs_()
     z.view(layout.int_dtype).masked_fill_(layout.pad, _int_max(layout.int_dtype))

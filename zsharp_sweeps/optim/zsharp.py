@@ -42,6 +42,7 @@ from zsharp_sweeps.optim.base import SAMBase, global_norm
 from zsharp_sweeps.optim.threshold import (
     CHUNK,
     SegmentLayout,
+    TensorStats,
     abs_zscores,
     keep_top_count,
     quantile_threshold,
@@ -72,6 +73,8 @@ class ZSharp(SAMBase):
     ``ZSharp(model.parameters(), torch.optim.SGD, rho=0.05, percentile=0.95, lr=0.1,
     momentum=0.9)``. ``threshold_method`` picks how the order statistic is found ("auto":
     quickselect on CPU, batched radix select elsewhere); all methods give identical results.
+    ``stats_streams``: CUDA side streams for the per-tensor mean/std (0: the current stream
+    only); the values are the same either way, only the overlap changes.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class ZSharp(SAMBase):
         filter: str = "zscore",
         filter_seed: int = 0,
         threshold_method: str = "auto",
+        stats_streams: int = 4,
         **base_kwargs: Any,
     ) -> None:
         check_percentile(percentile)
@@ -98,6 +102,10 @@ class ZSharp(SAMBase):
         self.filter = filter
         self.filter_seed = filter_seed
         self.threshold_method = threshold_method
+        if stats_streams < 0:
+            raise ValueError(f"stats_streams={stats_streams!r} is invalid: allowed an integer >= 0")
+        self.stats_streams = stats_streams
+        self._streams: dict[torch.device, list[torch.cuda.Stream]] = {}
         self._layouts: dict[tuple[Any, ...], SegmentLayout] = {}
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
@@ -108,26 +116,42 @@ class ZSharp(SAMBase):
         grads = [p.grad for _, ps in groups for p in ps]
         if not grads:
             return []
+        filtered = [(p, group) for group, ps in groups for p in ps if p.grad.ndim > 1]
+        # Group the filtered tensors by (device, compute dtype, Q_p): one batched pass each.
+        batches: dict[tuple[Any, ...], list[tuple[Tensor, dict[str, Any]]]] = {}
+        for p, group in filtered:
+            dtype = torch.float64 if p.grad.dtype == torch.float64 else torch.float32
+            batches.setdefault((p.grad.device, dtype, group["percentile"]), []).append((p, group))
+        # The per-tensor statistics go first: on CUDA they run on side streams while this
+        # stream computes the global norm, the unfiltered perturbations and the packing.
+        stats = {
+            key: TensorStats([p.grad for p, _ in items], key[1], self._side_streams(key[0]))
+            for key, items in batches.items()
+        }
         norm = global_norm(grads)
         e_by_param: dict[Tensor, Tensor] = {}
-        filtered: list[tuple[Tensor, dict[str, Any]]] = []
         for group, ps in groups:
             flat = [p for p in ps if p.grad.ndim <= 1]
             if flat:
                 scale = group["rho"] / (norm + 1e-12)
                 for p, e in zip(flat, torch._foreach_mul([p.grad for p in flat], scale), strict=True):
                     e_by_param[p] = e
-            filtered += [(p, group) for p in ps if p.grad.ndim > 1]
-        # Group the filtered tensors by (device, compute dtype, Q_p): one batched pass each.
-        batches: dict[tuple[Any, ...], list[tuple[Tensor, dict[str, Any]]]] = {}
-        for p, group in filtered:
-            dtype = torch.float64 if p.grad.dtype == torch.float64 else torch.float32
-            batches.setdefault((p.grad.device, dtype, group["percentile"]), []).append((p, group))
-        for (device, dtype, q), items in batches.items():
-            es = self._filtered(items, norm.to(device), device, dtype, q)
+        for key, items in batches.items():
+            device, dtype, q = key
+            es = self._filtered(items, norm.to(device), device, dtype, q, stats[key])
             for (p, _), e in zip(items, es, strict=True):
                 e_by_param[p] = e
         return [e_by_param[p] for _, ps in groups for p in ps]
+
+    def _side_streams(self, device: torch.device) -> list[torch.cuda.Stream]:
+        """The CUDA streams that compute per-tensor statistics concurrently (none elsewhere)."""
+        if device.type != "cuda" or self.stats_streams == 0:
+            return []
+        streams = self._streams.get(device)
+        if streams is None:
+            streams = [torch.cuda.Stream(device) for _ in range(self.stats_streams)]
+            self._streams[device] = streams
+        return streams
 
     def _layout(self, numels: list[int], dtype: torch.dtype, device: torch.device) -> SegmentLayout:
         key = (device, dtype, tuple(numels))
@@ -155,12 +179,13 @@ class ZSharp(SAMBase):
         device: torch.device,
         dtype: torch.dtype,
         q: float,
+        stats: TensorStats,
     ) -> list[Tensor]:
         grads = [p.grad for p, _ in items]
         layout = self._layout([g.numel() for g in grads], dtype, device)
         method = resolve_method(self.threshold_method, device)
         g2d = layout.pack(grads)
-        absz, has_nan = abs_zscores(grads, g2d, layout)
+        absz, has_nan = abs_zscores(grads, g2d, layout, stats)
         tau = quantile_threshold(absz, has_nan, layout, q, method)
         mask = absz > layout.per_chunk(tau)  # padding is NaN: never kept
         if self.filter != "zscore":
