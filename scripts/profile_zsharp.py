@@ -124,12 +124,13 @@ def profile(model_name: str, replays: int, device: str) -> None:
     ]
     import zsharp_sweeps.optim.zsharp as zsharp_module
 
-    def perturbation_variant(streams: int, chunk: int):
+    def perturbation_variant(streams: int, chunk: int, kernels: str):
         configured = []
 
         def run():
             if not configured:  # once, in graph_ms's eager warm-up (layouts sync the host)
                 zsharp.stats_streams = streams
+                zsharp.kernels = kernels
                 zsharp_module.CHUNK = chunk
                 zsharp._layouts.clear()
                 zsharp._streams.clear()
@@ -137,11 +138,14 @@ def profile(model_name: str, replays: int, device: str) -> None:
             return zsharp._perturbation(zs_groups)
         return run
 
-    for streams in (0, 2, 4, 8):
-        for chunk in (1024, 4096):
-            rows.append((f"ZSharp perturbation, {streams} streams, chunk {chunk}",
-                         perturbation_variant(streams, chunk)))
-    for chunk in (256, 512, 2048, 4096):
+    variants = [(0, 1024, "torch"), (4, 1024, "torch"), (8, 4096, "torch"), (0, 4096, "triton"),
+                (4, 4096, "triton"), (8, 4096, "triton"), (16, 4096, "triton")]
+    for streams, chunk, kernels in variants:
+        if kernels == "triton" and device != "cuda":
+            continue
+        rows.append((f"ZSharp perturbation, {streams} streams, chunk {chunk}, {kernels}",
+                     perturbation_variant(streams, chunk, kernels)))
+    for chunk in (1024, 4096):
         other = SegmentLayout.build([g.numel() for g in grads], torch.float32, grads[0].device, chunk)
 
         def threshold_chunk(other=other):

@@ -127,7 +127,7 @@ def _filtered_layers() -> tuple[list[nn.Parameter], list[torch.Tensor]]:
     shapes = [(16, 3, 3, 3), (10, 40), (7, 7)]
     params = [nn.Parameter(torch.zeros(s)) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
-    grads[2] = grads[2].round()  # ties in |g|
+    grads[2] = grads[2].round() + 0.5  # ties in |g|, and no zero a random pick could land on
     return params, grads
 
 

@@ -16,7 +16,7 @@ def _zsharp_perturbations(stats_streams: int, grads: list[torch.Tensor], graph: 
     from zsharp_sweeps.optim.zsharp import ZSharp
 
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    opt = ZSharp(params, torch.optim.SGD, lr=0.1, stats_streams=stats_streams)
+    opt = ZSharp(params, torch.optim.SGD, lr=0.1, stats_streams=stats_streams, kernels="triton")
     for p, g in zip(params, grads, strict=True):
         p.grad = g
     groups = opt._with_grads()
@@ -41,3 +41,21 @@ def test_side_stream_statistics_give_the_same_bits_eager_and_in_a_graph() -> Non
         for graph in (False, True):
             got = _zsharp_perturbations(streams, grads, graph=graph)
             assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), (streams, graph)
+
+
+def test_triton_kernels_keep_the_same_entries_as_torch_on_cuda() -> None:
+    from zsharp_sweeps.optim.zsharp import ZSharp
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(64, 3, 3, 3), (384, 1536), (7, 5), (1, 65, 384), (10,)] * 4
+    grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    out = {}
+    for kernels in ("torch", "triton"):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        opt = ZSharp(params, torch.optim.SGD, lr=0.1, kernels=kernels)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        out[kernels] = [e.clone() for e in opt._perturbation(opt._with_grads())]
+    for a, b in zip(out["triton"], out["torch"], strict=True):
+        assert torch.equal(a != 0, b != 0)
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=0)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zsharp_sweeps.optim import fused
 from zsharp_sweeps.optim.base import SAMBase, global_norm
 from zsharp_sweeps.optim.threshold import (
     CHUNK,
@@ -51,6 +52,7 @@ from zsharp_sweeps.optim.threshold import (
 
 Groups = list[tuple[dict[str, Any], list[Tensor]]]
 FILTERS = ("zscore", "magnitude", "random")
+KERNELS = ("auto", "torch", "triton")
 
 
 def check_percentile(percentile: float) -> None:
@@ -74,7 +76,10 @@ class ZSharp(SAMBase):
     momentum=0.9)``. ``threshold_method`` picks how the order statistic is found ("auto":
     quickselect on CPU, batched radix select elsewhere); all methods give identical results.
     ``stats_streams``: CUDA side streams for the per-tensor mean/std (0: the current stream
-    only); the values are the same either way, only the overlap changes.
+    only); the values are the same either way, only the overlap changes. ``kernels``: "auto"
+    runs the z-score filter's full-buffer passes as Triton kernels on CUDA
+    (:mod:`zsharp_sweeps.optim.fused`: same kept set, ``e`` equal up to the last bit),
+    "torch" keeps plain PyTorch ops, "triton" forces the kernels (CPU: interpreter only).
     """
 
     def __init__(
@@ -86,7 +91,8 @@ class ZSharp(SAMBase):
         filter: str = "zscore",
         filter_seed: int = 0,
         threshold_method: str = "auto",
-        stats_streams: int = 4,
+        stats_streams: int = 8,
+        kernels: str = "auto",
         **base_kwargs: Any,
     ) -> None:
         check_percentile(percentile)
@@ -105,6 +111,9 @@ class ZSharp(SAMBase):
         if stats_streams < 0:
             raise ValueError(f"stats_streams={stats_streams!r} is invalid: allowed an integer >= 0")
         self.stats_streams = stats_streams
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels={kernels!r} is invalid: allowed one of {', '.join(KERNELS)}")
+        self.kernels = kernels
         self._streams: dict[torch.device, list[torch.cuda.Stream]] = {}
         self._layouts: dict[tuple[Any, ...], SegmentLayout] = {}
         self._generator: torch.Generator | None = None
@@ -161,6 +170,21 @@ class ZSharp(SAMBase):
             self._layouts[key] = layout
         return layout
 
+    def _use_fused(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Triton kernels for the z-score filter's full-buffer passes (float32 on CUDA)."""
+        if self.kernels == "torch" or self.filter != "zscore" or dtype != torch.float32:
+            return False
+        return self.kernels == "triton" or fused.available(device)
+
+    def _rho_vector(self, rhos: list[float], layout: SegmentLayout) -> Tensor:
+        """Per-segment rho as a device vector (cached: the graph replays with constants)."""
+        key = ("vector", layout.device, layout.dtype, tuple(rhos))
+        t = self._rho_cache.get(key)
+        if t is None:
+            t = torch.tensor(rhos, dtype=layout.dtype).to(layout.device)
+            self._rho_cache[key] = t
+        return t
+
     def _rhos(self, rhos: list[float], layout: SegmentLayout) -> Tensor | float:
         """Per-segment rho: a plain float when all groups agree (the usual case)."""
         if all(r == rhos[0] for r in rhos):
@@ -185,6 +209,15 @@ class ZSharp(SAMBase):
         layout = self._layout([g.numel() for g in grads], dtype, device)
         method = resolve_method(self.threshold_method, device)
         g2d = layout.pack(grads)
+        rhos = [group["rho"] for _, group in items]
+        if self._use_fused(device, dtype):
+            # Same kept set bit for bit; e equal up to the last bit (see optim/fused.py).
+            means, stds = stats.collect()
+            absz, has_nan = fused.abs_zscores(g2d, layout, means, stds)
+            tau = quantile_threshold(absz, has_nan, layout, q, method)
+            rho_t = self._rho_vector(rhos, layout)
+            e2d = fused.perturbation(g2d, absz, tau, layout, rho_t, norm.to(dtype))
+            return [e.view(g.shape) for e, g in zip(layout.unpack(e2d), grads, strict=True)]
         absz, has_nan = abs_zscores(grads, g2d, layout, stats)
         tau = quantile_threshold(absz, has_nan, layout, q, method)
         mask = absz > layout.per_chunk(tau)  # padding is NaN: never kept
@@ -194,7 +227,7 @@ class ZSharp(SAMBase):
             mask = keep_top_count(keys, layout, counts, method)
         gf = torch.where(mask, g2d, 0.0)
         kept_norm = torch.stack(torch._foreach_norm(layout.unpack(gf)))
-        rho = self._rhos([group["rho"] for _, group in items], layout)
+        rho = self._rhos(rhos, layout)
         scale = rho / (norm.to(dtype) + 1e-12)
         # Official: rho * g_f / (||g_f|| + 1e-12) if ||g_f|| > 0 else g * scale; same op order.
         e2d = torch.where(
