@@ -105,7 +105,7 @@ def run_sweep(workdir: Path, n_gpus: int, args: argparse.Namespace) -> dict:
         f"trainer.epochs={args.epochs}", "trainer.progress=false",
         f"hydra.sweeper.study_name={STUDY}", f"hydra.sweeper.n_jobs={n_jobs}",
         f"hydra.sweeper.n_trials={n_gpus * args.trials_per_gpu}",
-        f"hardware.trials_per_gpu={k}",
+        f"hardware.trials_per_gpu={k}", f"hydra/launcher={args.launcher}",
         *(GPU_OVERRIDES if args.device == "cuda" else CPU_OVERRIDES),
         *args.extra,
     ]
@@ -182,6 +182,9 @@ def main() -> int:
     parser.add_argument("--trials-per-gpu", type=int, default=4, help="trials in the study per GPU")
     parser.add_argument("--concurrent-per-gpu", type=int, default=1,
                         help="trials running at once on each GPU (hardware.trials_per_gpu)")
+    parser.add_argument("--launcher", choices=["joblib", "zsharp_streams"], default="joblib",
+                        help="joblib: one process per running trial; zsharp_streams: threads "
+                             "of one process, a CUDA stream each")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--images", type=int, default=50000, help="synthetic CIFAR-shaped images")
     parser.add_argument("--model", default="resnet20")

@@ -263,3 +263,37 @@ def test_multi_objective_sweep_accuracy_vs_sharpness(tmp_path: Path) -> None:
         assert accuracy == pytest.approx(run.data.metrics["best_val_acc"])
         assert sharpness == pytest.approx(run.data.metrics["sharpness/sam"])  # last epoch's
     assert (tmp_path / "multirun" / study_name / "report" / "pareto.png").is_file()
+
+
+def test_streams_launcher_runs_trials_as_threads_each_with_its_own_config(tmp_path: Path) -> None:
+    # Two trials at once in one process: each must see its own overrides (Hydra's per-job
+    # config is per thread while the batch runs), write its own job dir and MLflow run.
+    proc = _sweep(tmp_path, "hydra/launcher=zsharp_streams", "hydra.sweeper.n_jobs=2",
+                  "hydra.sweeper.n_trials=4")
+    assert "as threads of one process" in proc.stdout + proc.stderr
+    study = _study(tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    _, parents, children = _mlflow(tmp_path)
+    assert len(parents) == 1 and len(children) == 4
+    by_trial = {int(c.data.tags["trial_number"]): c for c in children}
+    for trial in study.trials:
+        run = by_trial[trial.number]
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
+        assert float(run.data.params["optimizer.rho"]) == trial.params["optimizer.rho"]
+        assert run.data.metrics["best_val_acc"] == trial.value
+        job = tmp_path / "multirun" / STUDY / str(trial.number)
+        overrides = (job / ".hydra" / "overrides.yaml").read_text()
+        assert f"optimizer.lr={trial.params['optimizer.lr']}" in overrides
+        assert f"study.trial_number={trial.number}" in overrides
+    assert sorted(c.data.params["study.slot"] for c in children) == ["0", "0", "1", "1"]
+    for pair in ((0, 1), (2, 3)):  # the two trials of a batch ran at the same time
+        a, b = (by_trial[n].info for n in pair)
+        assert a.start_time < b.end_time and b.start_time < a.end_time
+
+
+def test_streams_launcher_refuses_what_threads_cannot_share(tmp_path: Path) -> None:
+    proc = _sweep(tmp_path, "hydra/launcher=zsharp_streams", "hydra.sweeper.n_trials=1",
+                  "hardware.compile=true", check=False)
+    assert proc.returncode != 0
+    assert "allowed hardware.compile=false" in proc.stderr

@@ -148,7 +148,7 @@ def fit(
             bar.update(1)
         bar.close()
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            torch.cuda.current_stream(device).synchronize()  # this trial's work only
         train_loss = loss_sum.item() / max(seen, 1)
         train_time = time.perf_counter() - start
         metrics: dict[str, float] = {

@@ -67,8 +67,10 @@ class CudaGraphStep:
         self.static_targets.copy_(targets)
         pool = self.graph.pool() if self.graph is not None else None
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=pool):
+        torch.cuda.current_stream().synchronize()
+        # thread_local: other threads (concurrent trials of the streams launcher) may keep
+        # launching work while this one captures.
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = self.step(self.static_inputs, self.static_targets)
         self.graph, self.graph_key, self.outputs = graph, key, outputs
         self.captures += 1
@@ -85,7 +87,7 @@ class CudaGraphStep:
                 log.warning("CUDA graph capture failed, training eagerly from here: %s", exc)
                 self.disabled = True
                 self.graph = None
-                torch.cuda.synchronize()
+                torch.cuda.current_stream().synchronize()
                 return self.step(inputs, targets)
         else:
             self.static_inputs.copy_(inputs)

@@ -7,10 +7,12 @@ float so Hydra's Optuna sweeper can use it. ``run_training`` is the same without
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -148,7 +150,35 @@ def run_training(
         torch.cuda.set_device(device)
     if train_cfg.hardware.num_threads:
         torch.set_num_threads(train_cfg.hardware.num_threads)
-    seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
+    with _trial_stream(device):
+        return _run_training(
+            train_cfg, device, overrides=overrides, callbacks=callbacks,
+            parent_run_id=parent_run_id, run_tags=run_tags,
+        )
+
+
+#: Held while a run seeds the global RNGs and builds its model, data and optimizer, so that
+#: concurrent trials (threads of the zsharp_streams launcher) each get their seed's weights.
+_SETUP_LOCK = threading.Lock()
+
+
+def _trial_stream(device: torch.device) -> contextlib.AbstractContextManager:
+    """A CUDA stream of its own for a run off the main thread (a concurrent sweep trial):
+    kernels of different streams run at once, those of one stream one after another."""
+    if device.type == "cuda" and threading.current_thread() is not threading.main_thread():
+        return torch.cuda.stream(torch.cuda.Stream(device))
+    return contextlib.nullcontext()
+
+
+def _run_training(
+    train_cfg: TrainConfig,
+    device: torch.device,
+    *,
+    overrides: Sequence[str],
+    callbacks: Sequence[EpochCallback],
+    parent_run_id: str | None,
+    run_tags: dict[str, str] | None,
+) -> dict[str, float]:
     resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
 
     tracker = Tracker(train_cfg.tracking)
@@ -164,7 +194,9 @@ def run_training(
         tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
         tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
-        data, model, optimizer = build_parts(train_cfg, device)
+        with _SETUP_LOCK:
+            seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
+            data, model, optimizer = build_parts(train_cfg, device)
         tracker.log_params(
             {
                 "num_params": sum(p.numel() for p in model.parameters()),

@@ -1,0 +1,1 @@
+"""``hydra/launcher=zsharp_streams``: a sweep's parallel trials as threads of one process."""
