@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.optim import train_step
@@ -36,6 +37,11 @@ class FitResult:
 
     history: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
+
+
+#: Steps of the first epoch run under CUDA_EXCLUSIVE: past CudaGraphStep's warm-up (3) and
+#: its capture (step 4), so every kernel the loop uses has been loaded once.
+_FIRST_STEPS_EXCLUSIVE = 5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -137,15 +143,27 @@ def fit(
             total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
             disable=not tcfg.progress, dynamic_ncols=True,
         )
-        for step, (inputs, targets) in enumerate(data.train):
-            if step >= steps:
-                break
-            inputs = _prepare(inputs, hw.channels_last)
-            loss, logits = run_step(inputs, targets)
-            loss_sum += loss.float() * targets.numel()
-            correct += (logits.argmax(dim=1) == targets).sum()
-            seen += targets.numel()
-            bar.update(1)
+        # The first steps of a run (loader, step, metric kernels used for the first time, CUDA
+        # graph warm-up and capture) hold the process-wide lock: see zsharp_sweeps.concurrency.
+        exclusive = _FIRST_STEPS_EXCLUSIVE if epoch == 1 else 0
+        if exclusive:
+            CUDA_EXCLUSIVE.acquire()
+        try:
+            for step, (inputs, targets) in enumerate(data.train):
+                if step >= steps:
+                    break
+                inputs = _prepare(inputs, hw.channels_last)
+                loss, logits = run_step(inputs, targets)
+                loss_sum += loss.float() * targets.numel()
+                correct += (logits.argmax(dim=1) == targets).sum()
+                seen += targets.numel()
+                bar.update(1)
+                if exclusive and step + 1 == exclusive:
+                    exclusive = 0
+                    CUDA_EXCLUSIVE.release()
+        finally:
+            if exclusive:
+                CUDA_EXCLUSIVE.release()
         bar.close()
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # this trial's work only
@@ -166,18 +184,19 @@ def fit(
                 f"(optimizer.lr={cfg.optimizer.lr}, optimizer.rho={cfg.optimizer.rho})"
             )
         scheduler.step()
-        if data.val is not None:
-            metrics["val_loss"], metrics["val_acc"] = evaluate(
-                step_model, data.val, amp_dtype=amp_dtype, channels_last=hw.channels_last
-            )
-            best_val_acc = max(best_val_acc, metrics["val_acc"])
-        is_last = epoch == tcfg.epochs
-        if tcfg.eval_test_every_epoch or is_last:
-            metrics["test_loss"], metrics["test_acc"] = evaluate(
-                step_model, data.test, amp_dtype=amp_dtype, channels_last=hw.channels_last
-            )
-        if sharpness_fn is not None:
-            metrics.update(sharpness_fn(model, epoch, is_last))
+        with CUDA_EXCLUSIVE:  # eager evaluation/sharpness: see zsharp_sweeps.concurrency
+            if data.val is not None:
+                metrics["val_loss"], metrics["val_acc"] = evaluate(
+                    step_model, data.val, amp_dtype=amp_dtype, channels_last=hw.channels_last
+                )
+                best_val_acc = max(best_val_acc, metrics["val_acc"])
+            is_last = epoch == tcfg.epochs
+            if tcfg.eval_test_every_epoch or is_last:
+                metrics["test_loss"], metrics["test_acc"] = evaluate(
+                    step_model, data.test, amp_dtype=amp_dtype, channels_last=hw.channels_last
+                )
+            if sharpness_fn is not None:
+                metrics.update(sharpness_fn(model, epoch, is_last))
         result.history.append({"epoch": epoch, **metrics})
         epochs.set_postfix(
             {k: f"{metrics[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in metrics}

@@ -24,6 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
+
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -78,11 +80,15 @@ class CudaGraphStep:
     def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         self.calls += 1
         if self.disabled or self.calls <= self.warmup:
-            return self._eager(inputs, targets) if not self.disabled else self.step(inputs, targets)
+            with CUDA_EXCLUSIVE:  # first steps create handles and load kernels (see concurrency)
+                if self.disabled:
+                    return self.step(inputs, targets)
+                return self._eager(inputs, targets)
         key = self._key(inputs)
         if key != self.graph_key:
             try:
-                self._capture(inputs, targets, key)
+                with CUDA_EXCLUSIVE:
+                    self._capture(inputs, targets, key)
             except Exception as exc:  # e.g. a host sync or an uncapturable generator
                 log.warning("CUDA graph capture failed, training eagerly from here: %s", exc)
                 self.disabled = True

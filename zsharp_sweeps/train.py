@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import (
     ConfigError,
     TrainConfig,
@@ -157,11 +158,6 @@ def run_training(
         )
 
 
-#: Held while a run seeds the global RNGs and builds its model, data and optimizer, so that
-#: concurrent trials (threads of the zsharp_streams launcher) each get their seed's weights.
-_SETUP_LOCK = threading.Lock()
-
-
 def _trial_stream(device: torch.device) -> contextlib.AbstractContextManager:
     """A CUDA stream of its own for a run off the main thread (a concurrent sweep trial):
     kernels of different streams run at once, those of one stream one after another."""
@@ -194,7 +190,10 @@ def _run_training(
         tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
         tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
-        with _SETUP_LOCK:
+        # Exclusive (zsharp_sweeps.concurrency): concurrent trials, threads of the
+        # zsharp_streams launcher, each get their seed's weights, and device setup stays clear
+        # of other trials' CUDA graph captures.
+        with CUDA_EXCLUSIVE:
             seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
             data, model, optimizer = build_parts(train_cfg, device)
         tracker.log_params(
