@@ -5,9 +5,11 @@ its own CUDA stream. Replaying CUDA graphs and launching kernels side by side is
 graph capture is invalidated when another thread meanwhile does something that touches the
 whole device: creating cuBLAS/cuDNN handles or workspaces, cuDNN autotuning, loading kernels
 for the first time (all of which a trial's first steps and first evaluation do). Seen on an
-H100: "operation failed due to a previous error during capture". So warm-up steps, graph
-capture, model setup, evaluation and sharpness measurement hold this lock; the per-step
-graph replays and the loader's kernels do not. Uncontended (one trial per process, the usual
+H100: "operation failed due to a previous error during capture"; and a replay while another
+thread captures trips over the shared CUDA generator ("Cannot prepare for replay during
+capturing stage"). So model setup, a run's first steps, warm-up, capture, each replay's
+launch (a host call of microseconds) and evaluation hold this lock; the loader's and metric
+kernels of later steps do not, and the GPU runs the trials' graphs concurrently. Uncontended (one trial per process, the usual
 case) it costs nothing measurable.
 """
 

@@ -98,5 +98,9 @@ class CudaGraphStep:
         else:
             self.static_inputs.copy_(inputs)
             self.static_targets.copy_(targets)
-        self.graph.replay()
+        # Replays share the CUDA generator's graph-safe state with captures elsewhere in the
+        # process ("Cannot prepare for replay during capturing stage"): launch under the lock
+        # (the host call only; the GPU still runs the graphs of several trials at once).
+        with CUDA_EXCLUSIVE:
+            self.graph.replay()
         return self.outputs
