@@ -9,8 +9,8 @@ H100: "operation failed due to a previous error during capture"; and a replay wh
 thread captures trips over the shared CUDA generator ("Cannot prepare for replay during
 capturing stage"). So model setup, a run's first steps, warm-up, capture, each replay's
 launch (a host call of microseconds) and evaluation hold this lock; the loader's and metric
-kernels of later steps do not, and the GPU runs the trials' graphs concurrently. Uncontended (one trial per process, the usual
-case) it costs nothing measurable.
+kernels of later steps do not, and the GPU runs the trials' graphs concurrently. Uncontended
+(one trial per process, the usual case) it costs nothing measurable.
 """
 
 from __future__ import annotations

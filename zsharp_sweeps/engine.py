@@ -8,6 +8,7 @@ Everything a caller may want per epoch (MLflow logging, Optuna pruning, progress
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -145,10 +146,9 @@ def fit(
         )
         # The first steps of a run (loader, step, metric kernels used for the first time, CUDA
         # graph warm-up and capture) hold the process-wide lock: see zsharp_sweeps.concurrency.
-        exclusive = _FIRST_STEPS_EXCLUSIVE if epoch == 1 else 0
-        if exclusive:
-            CUDA_EXCLUSIVE.acquire()
-        try:
+        with contextlib.ExitStack() as first_steps:
+            if epoch == 1:
+                first_steps.enter_context(CUDA_EXCLUSIVE)
             for step, (inputs, targets) in enumerate(data.train):
                 if step >= steps:
                     break
@@ -158,12 +158,8 @@ def fit(
                 correct += (logits.argmax(dim=1) == targets).sum()
                 seen += targets.numel()
                 bar.update(1)
-                if exclusive and step + 1 == exclusive:
-                    exclusive = 0
-                    CUDA_EXCLUSIVE.release()
-        finally:
-            if exclusive:
-                CUDA_EXCLUSIVE.release()
+                if step + 1 == _FIRST_STEPS_EXCLUSIVE:
+                    first_steps.close()  # releases the lock (a no-op after epoch 1)
         bar.close()
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # this trial's work only

@@ -59,3 +59,12 @@ def test_triton_kernels_keep_the_same_entries_as_torch_on_cuda() -> None:
     for a, b in zip(out["triton"], out["torch"], strict=True):
         assert torch.equal(a != 0, b != 0)
         torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
+
+
+def test_auto_picks_the_triton_kernels_on_cuda() -> None:
+    from zsharp_sweeps.optim import fused
+    from zsharp_sweeps.optim.zsharp import ZSharp
+
+    w = torch.nn.Parameter(torch.zeros(4, 4, device="cuda"))
+    assert fused.available(torch.device("cuda"))
+    assert ZSharp([w], torch.optim.SGD, lr=0.1)._use_fused(torch.device("cuda"), torch.float32)

@@ -34,6 +34,15 @@ def abs_z_kernel(
 
 
 @triton.jit
+def _load_kept(g_ptr, z_ptr, row, offs, tau, CHUNK: tl.constexpr):
+    """A block of ``g`` and of ``g_f`` (``g`` where ``|z| > tau``, else 0; padding |z| is NaN,
+    so never kept): the shared start of the two passes that build e."""
+    g = tl.load(g_ptr + row * CHUNK + offs)
+    z = tl.load(z_ptr + row * CHUNK + offs)
+    return g, tl.where(z > tau, g, 0.0)
+
+
+@triton.jit
 def kept_sumsq_kernel(
     g_ptr, z_ptr, seg_ptr, tau_ptr, out_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -42,9 +51,7 @@ def kept_sumsq_kernel(
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in tl.static_range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + row * CHUNK + offs)
-        z = tl.load(z_ptr + row * CHUNK + offs)
-        gf = tl.where(z > tau, g, 0.0)  # padding |z| is NaN: never kept
+        _, gf = _load_kept(g_ptr, z_ptr, row, offs, tau, CHUNK)
         acc += gf * gf
     tl.store(out_ptr + row, tl.sum(acc, axis=0))
 
@@ -82,8 +89,6 @@ def perturb_kernel(
     scale = tl.div_rn(rho, tl.load(norm_ptr) + 1e-12)  # SAM's rho / (G + 1e-12)
     for start in tl.static_range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + row * CHUNK + offs)
-        z = tl.load(z_ptr + row * CHUNK + offs)
-        gf = tl.where(z > tau, g, 0.0)
+        g, gf = _load_kept(g_ptr, z_ptr, row, offs, tau, CHUNK)
         filtered = tl.div_rn(gf * rho, kept + 1e-12)
         tl.store(e_ptr + row * CHUNK + offs, tl.where(kept > 0, filtered, g * scale))

@@ -27,14 +27,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from zsharp_sweeps.optim.threshold import nan_segments
+
 #: Elements per Triton block; chunks (the packed layout's rows) are a multiple of it.
 BLOCK = 1024
 
 
 def available(device: torch.device) -> bool:
     """Whether the fused kernels can run on ``device`` (CUDA with Triton importable)."""
-    if device.type != "cuda":
-        return False
+    return device.type == "cuda" and _triton_importable()
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    """Checked once, not on every optimizer step."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -66,8 +72,7 @@ def abs_zscores(packed: Tensor, layout: Any, means: Tensor, stds: Tensor) -> tup
         packed, bits, layout.chunk_seg, layout.chunk_valid, means, denoms,
         CHUNK=layout.chunk, BLOCK=_block(layout.chunk),
     )
-    has_nan = ~(torch.isfinite(means) & torch.isfinite(stds))
-    return bits.view(torch.float32), has_nan
+    return bits.view(torch.float32), nan_segments(means, stds)
 
 
 def perturbation(

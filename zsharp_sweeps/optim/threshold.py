@@ -475,12 +475,12 @@ class TensorStats:
         self.stds = torch.empty_like(self.means)
         n, k = len(tensors), len(self._streams)
         for i, stream in enumerate(self._streams):
-            block = tensors[i * n // k : (i + 1) * n // k]
+            lo, hi = i * n // k, (i + 1) * n // k
             stream.wait_stream(self._main)
             with torch.cuda.stream(stream):
-                src = [cast(t) for t in block]
-                torch.stack([t.mean() for t in src], out=self.means[i * n // k : (i + 1) * n // k])
-                torch.stack([t.std() for t in src], out=self.stds[i * n // k : (i + 1) * n // k])
+                src = [cast(t) for t in tensors[lo:hi]]
+                torch.stack([t.mean() for t in src], out=self.means[lo:hi])
+                torch.stack([t.std() for t in src], out=self.stds[lo:hi])
 
     def collect(self) -> tuple[Tensor, Tensor]:
         """``(means [k], stds [k])``, usable on the current stream (joins the side streams)."""
@@ -510,8 +510,12 @@ def abs_zscores(
     z = (packed - layout.per_chunk(means)) / layout.per_chunk(stds + 1e-12)
     z.abs_()
     z.view(layout.int_dtype).masked_fill_(layout.pad, _int_max(layout.int_dtype))
-    has_nan = ~(torch.isfinite(means) & torch.isfinite(stds))
-    return z, has_nan
+    return z, nan_segments(means, stds)
+
+
+def nan_segments(means: Tensor, stds: Tensor) -> Tensor:
+    """Segments whose z is undefined (a NaN/inf statistic): quantile's NaN rule keeps none."""
+    return ~(torch.isfinite(means) & torch.isfinite(stds))
 
 
 def keep_top_count(

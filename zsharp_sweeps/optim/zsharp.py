@@ -177,8 +177,8 @@ class ZSharp(SAMBase):
         return self.kernels == "triton" or fused.available(device)
 
     def _rho_vector(self, rhos: list[float], layout: SegmentLayout) -> Tensor:
-        """Per-segment rho as a device vector (cached: the graph replays with constants)."""
-        key = ("vector", layout.device, layout.dtype, tuple(rhos))
+        """Per-segment rho ``[k]`` on the device (cached: the graph replays with constants)."""
+        key = (layout.device, layout.dtype, tuple(rhos))
         t = self._rho_cache.get(key)
         if t is None:
             t = torch.tensor(rhos, dtype=layout.dtype).to(layout.device)
@@ -189,12 +189,7 @@ class ZSharp(SAMBase):
         """Per-segment rho: a plain float when all groups agree (the usual case)."""
         if all(r == rhos[0] for r in rhos):
             return rhos[0]
-        key = (layout.device, layout.dtype, tuple(rhos))
-        t = self._rho_cache.get(key)
-        if t is None:
-            t = torch.tensor(rhos, dtype=layout.dtype).to(layout.device)
-            self._rho_cache[key] = t
-        return layout.per_chunk(t)
+        return layout.per_chunk(self._rho_vector(rhos, layout))
 
     def _filtered(
         self,
