@@ -1,8 +1,11 @@
-"""``hydra/sweeper=zsharp_optuna``: the stock Optuna sweeper's settings, same keys and defaults.
+"""``hydra/sweeper=zsharp_optuna``: the stock Optuna sweeper's settings, same keys and
+defaults, plus what long-lived workers need.
 
 Everything users know (``hydra.sweeper.n_trials``, ``storage``, ``study_name``, ``n_jobs``,
-``sampler``, ``direction``, ``params``, ``max_failure_rate``) keeps its meaning, with one
-sharpening: ``n_trials`` is the size of the study, so rerunning a sweep continues it.
+``sampler``, ``direction``, ``params``, ``max_failure_rate``) keeps its meaning, with two
+sharpenings: ``n_trials`` is the size of the study, so rerunning a sweep continues it, and
+``n_jobs`` is the number of workers this host starts (each takes trials until the study is
+full; set it to n_gpus x hardware.trials_per_gpu).
 """
 
 from dataclasses import dataclass
@@ -14,6 +17,15 @@ from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 @dataclass
 class ZSharpOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "hydra_plugins.zsharp_optuna_sweeper.sweeper.ZSharpOptunaSweeper"
+    # Optuna's heartbeat: a running trial whose worker has not written a heartbeat for
+    # grace_period seconds (null: 3 x heartbeat_interval) is failed by any other worker
+    # and retried, up to max_retry times.
+    heartbeat_interval: int = 10
+    grace_period: int | None = None
+    max_retry: int = 3
+    # Devices the workers are spread over (worker i on devices[(i // trials_per_gpu) % n]);
+    # null: every visible GPU, else hardware.device. Labels like cpu:0, cpu:1 tag CPU workers.
+    devices: list[str] | None = None
 
 
 ConfigStore.instance().store(

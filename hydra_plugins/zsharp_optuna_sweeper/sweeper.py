@@ -1,36 +1,43 @@
-"""Hydra's Optuna sweeper, extended where zsharp-sweeps needs more than it gives.
+"""Hydra's Optuna sweeper, run as long-lived workers that pull trials from the study.
 
-What it adds to ``hydra_plugins.hydra_optuna_sweeper`` (whose search-space parsing, trial
-configuration and sampler handling it reuses unchanged):
+What it keeps from ``hydra_plugins.hydra_optuna_sweeper``: every setting users know
+(``n_trials``, ``n_jobs``, ``storage``, ``study_name``, ``sampler``, ``direction``,
+``params``, ``max_failure_rate``, ``custom_search_space``) and its search-space parsing.
+What it changes (see ``zsharp_sweeps/sweep/worker.py`` for the worker side):
 
-- **Resume.** ``n_trials`` is the size of the study, not the number of trials to add:
-  rerunning the same command with the same ``study_name`` and storage continues it. By
-  default the study lives in ``<sweep dir>/optuna.db``. Trials left RUNNING by a killed
-  sweep on this host are marked FAIL (``interrupted``) and their parameters re-enqueued.
-- **Pruning** (hydra issue 1954). Each trial learns its study, storage and number through
-  ``study.*`` overrides; the training process reports per-epoch metrics and raises
-  ``Pruned``; here that becomes TrialState.PRUNED instead of a failure.
-- **GPU slots.** Each trial of a parallel batch gets ``study.slot=i``; the trainer maps it
-  to ``cuda:(i // hardware.trials_per_gpu) % n_gpus``.
+- **Workers, not batches.** The launcher (joblib on one host, submitit on SLURM) starts
+  ``n_jobs`` workers, each pinned to one device (worker *i* on
+  ``devices[(i // hardware.trials_per_gpu) % len(devices)]``). Each asks the study for a
+  trial as soon as it is free: no batch barrier, data and kernels stay warm.
+- **Resume.** ``n_trials`` is the size of the study: rerunning the same command continues
+  it. By default the study lives in ``<sweep dir>/optuna.db``. The same command on another
+  host, with an RDB ``storage`` URL, adds workers to the same study.
+- **Faults.** Optuna's heartbeat notices a dead worker on any host; its trial becomes FAIL
+  and a copy is enqueued (``RetryFailedTrialCallback``). SIGINT/SIGTERM stop the workers
+  cleanly: their trials FAIL and are retried on resume, their MLflow runs end KILLED.
+- **Seeds.** A sampler seed gives each trial its own derived seed: the study is reproducible
+  and never repeats a configuration across resumes or workers.
+- **Failures** count over the study: the sweep stops once more than
+  ``max_failure_rate * n_trials`` trials failed.
+- **Checks first.** The storage URL, the tracking URI and the config (with every edge of
+  every swept value) are validated before anything is created.
 - **MLflow.** One parent run per study (search space, sampler, directions; the best value
-  and parameters when done); each trial's run is nested under it. The parent run's id is
-  stored in the study, so resumed sweeps and parallel workers share it.
-- Several workers (processes or hosts) may run the same command against one RDB storage:
-  each re-counts the finished trials before every batch.
+  and parameters when done); each trial's run is nested under it and named after it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.core.utils import JobStatus
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper._impl import (
     OptunaSweeperImpl,
@@ -40,128 +47,198 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from zsharp_sweeps.config import section
+from zsharp_sweeps.config import ConfigError, section
+from zsharp_sweeps.sweep.lifecycle import StopRequest
+from zsharp_sweeps.sweep.progress import counts_toward_study, progress, retried_numbers
+from zsharp_sweeps.sweep.sampling import corner_values, override_value, sampler_factory
+from zsharp_sweeps.sweep.worker import SweepPlan, open_storage, run_worker
 from zsharp_sweeps.tracking import Tracker, override_param_key
 
 log = logging.getLogger(__name__)
 
-WORKER_ATTR = "zsharp:worker"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
-INTERRUPTED_ATTR = "interrupted"
 
 
 def _sqlite_absolute(url: str) -> str:
-    """Trials run in other processes: make a relative sqlite path absolute."""
+    """Workers may run elsewhere: make a relative sqlite path absolute."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/"):
         return prefix + str(Path(url[len(prefix) :]).resolve())
     return url
 
 
-def _quote(value: Any) -> str:
-    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{text}'"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _counts_toward_study(trial: optuna.trial.FrozenTrial) -> bool:
-    if trial.state == TrialState.WAITING:
-        return False
-    return not trial.user_attrs.get(INTERRUPTED_ATTR, False)
+def _fail(message: str) -> None:
+    """A setup error: one line naming the setting, exit code 2, nothing created."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
-    """The stock implementation with a resumable, prunable, tracked ``sweep`` loop."""
+    """The stock implementation's parsing with a worker-based ``sweep``."""
+
+    def __init__(self, *args: Any, sampler_conf: Any = None, heartbeat_interval: int = 10,
+                 grace_period: int | None = None, max_retry: int = 3,
+                 devices: list[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sampler_conf = sampler_conf
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period or 3 * heartbeat_interval
+        self.max_retry = max_retry
+        self.devices = list(devices) if devices else None
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.worker = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.task_function = task_function
 
-    # ----- study -------------------------------------------------------------------------
+    # ----- set-up ------------------------------------------------------------------------
     def _storage_url(self) -> str:
         if self.storage:
             return _sqlite_absolute(str(self.storage))
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{sweep_dir / 'optuna.db'}"
 
-    def _recover_interrupted(self, study: optuna.Study) -> list[int]:
-        """Trials left RUNNING by a dead sweep process on this host: FAIL them, retry them."""
-        recovered = []
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = trial.system_attrs.get(WORKER_ATTR)
-            if not worker or worker.get("host") != self.worker["host"]:
-                continue
-            if _pid_alive(int(worker["pid"])):
-                continue
-            study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            recovered.append(trial.number)
-        if recovered:
-            log.info(f"Resuming: trials {recovered} were interrupted; re-enqueued their params")
-        return recovered
+    def _search_space(self, arguments: list[str]) -> tuple[dict, list[str], dict | None]:
+        """(distributions, the sweep's fixed overrides verbatim, the grid or None)."""
+        lines = self._parse_sweeper_params_config() + list(arguments)
+        space, fixed_params, _ = create_params_from_overrides(lines)
+        parsed = OverridesParser.create().parse_overrides(lines)
+        fixed = [o.input_line for o in parsed if o.get_key_element() not in space]
+        grid = None
+        is_grid = (
+            isinstance(self.sampler, functools.partial)
+            and self.sampler.func == optuna.samplers.GridSampler
+        )
+        if is_grid:
+            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
+            size = 1
+            for choices in grid.values():
+                size *= len(choices)
+            self.n_trials = min(self.n_trials, size)
+        return space, fixed, grid
+
+    def _check_configs(self, space: dict, fixed: list[str]) -> None:
+        """Compose and validate the trial config at every edge of every swept value (one
+        value moved at a time) before the study or any run exists."""
+        from hydra import compose
+
+        from zsharp_sweeps.config import validate
+
+        base = {name: corner_values(d)[0] for name, d in space.items()}
+        variants = [base] + [
+            {**base, name: value}
+            for name, d in space.items() for value in corner_values(d)[1:]
+        ]
+        for values in variants:
+            overrides = fixed + [f"{k}={override_value(v)}" for k, v in values.items()]
+            try:
+                validate(compose(config_name=self._config_name(), overrides=overrides))
+            except ConfigError as exc:
+                swept = ", ".join(f"{k}={v}" for k, v in values.items())
+                _fail(f"{exc}" + (f" (with the swept values {swept})" if swept else ""))
+
+    def _config_name(self) -> str:
+        return str(self.config.hydra.job.config_name)
+
+    def _check_urls(self, storage: str) -> None:
+        try:  # TEMP until storage.py lands
+            from zsharp_sweeps.sweep.storage import check_storage_url
+        except ImportError:
+            def check_storage_url(url): return None
+        from zsharp_sweeps.tracking import check_tracking_uri, resolve_tracking_uri
+
+        try:
+            check_storage_url(storage)
+            tracking = section(self.config, "tracking")
+            if tracking.enabled:
+                check_tracking_uri(resolve_tracking_uri(tracking))
+        except ConfigError as exc:
+            _fail(str(exc))
+
+    def _open_study(self, storage: str) -> optuna.Study:
+        from zsharp_sweeps.locks import sqlite_init_lock
+        from zsharp_sweeps.sweep.trial import build_pruner
+
+        directions = [d.lower() for d in self._get_directions()]
+        rdb = open_storage(self._plan_stub(storage))
+        with sqlite_init_lock(storage):  # several workers or hosts may start together
+            study = optuna.create_study(
+                study_name=self.study_name or "study", storage=rdb,
+                pruner=build_pruner(section(self.config, "study")),
+                directions=directions, load_if_exists=True,
+            )
+        stored = [d.name.lower() for d in study.directions]
+        if stored != directions:
+            _fail(
+                f"hydra.sweeper.direction={directions} but study {study.study_name!r} in "
+                f"{storage} was created with {stored}: allowed {stored} for this study, or a "
+                "new hydra.sweeper.study_name"
+            )
+        return study
+
+    def _plan_stub(self, storage: str) -> SweepPlan:
+        """Just enough of a plan to open the storage the way workers do."""
+        return SweepPlan(
+            study_name="", storage=storage, n_trials=0, max_failure_rate=0.0, space={},
+            fixed_overrides=[], make_sampler=None, sampler_seed=None, study=None,  # type: ignore[arg-type]
+            objectives=[], config_name="", sweep_dir="", devices=["cpu"],
+            trials_per_device=1, main_pid=0, stop_file="",
+            heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
+            max_retry=self.max_retry,
+        )
+
+    def _devices(self) -> list[str]:
+        if self.devices:
+            return self.devices
+        hardware = section(self.config, "hardware")
+        if hardware.device in ("auto", "cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return [hardware.device]
 
     # ----- mlflow ------------------------------------------------------------------------
-    def _parent_run(self, tracker, study: optuna.Study, space: dict, fixed: dict) -> str | None:
-        """The study's MLflow parent run: created once, reopened by resumes and other workers."""
+    def _parent_run(self, tracker: Tracker, study: optuna.Study, space: dict,
+                    fixed: list[str]) -> str | None:
+        """The study's MLflow parent run: created once, reopened by resumes and other hosts."""
         if not tracker.enabled:
             return None
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
-        client = tracker._client
-        if run_id is not None:
-            with contextlib.suppress(Exception):
-                client.update_run(run_id, status="RUNNING")
-                tracker.run_id = run_id
-                return run_id
-        run = client.create_run(
-            tracker.experiment_id,
-            run_name=f"sweep-{study.study_name}",
+        if run_id is not None and tracker.reopen(run_id):
+            return run_id
+        run_id = tracker.start(
+            run_name=f"sweep {study.study_name}",
             tags={"sweep": "true", "study_name": study.study_name},
         )
-        tracker.run_id = run.info.run_id
-        study.set_user_attr(PARENT_RUN_ATTR, run.info.run_id)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
         params = {
             "study_name": study.study_name,
-            "sampler": type(study.sampler).__name__,
+            "sampler": self.sampler_name,
             "directions": ",".join(d.name.lower() for d in study.directions),
-            **{f"space.{override_param_key(k)}": repr(v) for k, v in space.items()},
-            **{f"fixed.{override_param_key(k)}": v for k, v in fixed.items()},
+            **{f"space.{k}": repr(v) for k, v in space.items()},
+            **{f"fixed.{o.split('=', 1)[0]}": o.split("=", 1)[-1] for o in fixed},
         }
         tracker.log_params(params)
-        return run.info.run_id
+        return run_id
 
-    def _finish_parent(self, tracker, study: optuna.Study, status: str) -> None:
+    def _finish_parent(self, tracker: Tracker, study: optuna.Study, status: str) -> None:
         if not tracker.enabled or tracker.run_id is None:
             return
-        trials = study.get_trials(deepcopy=False)
-        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-        tags = {
-            f"trials_{k}": str(v) for k, v in counts.items() if k in ("complete", "pruned", "fail")
-        }
+        state = progress(study)
+        counts = {"complete": state.complete, "pruned": state.pruned, "fail": state.failed}
+        tags = {f"trials_{k}": str(v) for k, v in counts.items()}
         tags["n_trials"] = str(self.n_trials)
         tags["storage"] = self._storage_url()
-        metrics = {
-            f"n_{k}": float(v) for k, v in counts.items() if k in ("complete", "pruned", "fail")
-        }
-        if len(study.directions) == 1 and counts["complete"]:
+        metrics = {f"n_{k}": float(v) for k, v in counts.items()}
+        if len(study.directions) == 1 and state.complete:
             best = study.best_trial
             metrics["best_value"] = float(best.value)
             tags["best_trial"] = str(best.number)
-            tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
+            tags.update({f"best.{override_param_key(k)}": str(v) for k, v in best.params.items()})
         tracker.set_tags(tags)
-        tracker.log_metrics(metrics, step=len(trials))
+        tracker.log_metrics(metrics, step=state.finished)
         if status == "FINISHED":
             from zsharp_sweeps.report import write_report
 
@@ -171,157 +248,105 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                     tracker.log_artifact(path, "report")
             except Exception as exc:
                 log.warning(f"Could not write the sweep report to {out}: {exc!r}")
-        tracker._client.set_terminated(tracker.run_id, status=status)
+        tracker.end(status)
 
-    def _close_orphan_runs(self, tracker, study: optuna.Study, numbers: list[int]) -> None:
-        """MLflow runs of interrupted trials that a hard kill left RUNNING: mark KILLED."""
-        if not tracker.enabled or not numbers:
-            return
-        for number in numbers:
-            runs = tracker._client.search_runs(
-                [tracker.experiment_id],
-                filter_string=(
-                    f"tags.study_name = '{study.study_name}' and "
-                    f"tags.trial_number = '{number}' and attributes.status = 'RUNNING'"
-                ),
-            )
-            for run in runs:
-                tracker._client.set_tag(run.info.run_id, "run_state", "KILLED")
-                tracker._client.set_terminated(run.info.run_id, status="KILLED")
-
-    # ----- the loop ----------------------------------------------------------------------
+    # ----- the sweep ---------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
-        assert self.config is not None and self.launcher is not None
+        assert self.config is not None
         self._process_searchspace_config()
-        params_conf = self._parse_sweeper_params_config()
-        params_conf.extend(arguments)
-        is_grid = (
-            isinstance(self.sampler, functools.partial)
-            and self.sampler.func == optuna.samplers.GridSampler
-        )
-        space, fixed_params, fixed_overrides = create_params_from_overrides(params_conf)
-        if is_grid:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
-            self.sampler = self.sampler(grid)
-            size = 1
-            for choices in grid.values():
-                size *= len(choices)
-            self.n_trials = min(self.n_trials, size)
-        for name in fixed_params:
-            space.pop(name, None)
-
+        space, fixed, grid = self._search_space(arguments)
         storage = self._storage_url()
-        study_cfg = section(self.config, "study")
-        from zsharp_sweeps.locks import sqlite_init_lock
-        from zsharp_sweeps.sweep import build_pruner
+        self._check_urls(storage)
+        self._check_configs(space, fixed)
+        if storage.startswith("sqlite:///"):
+            Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
-        with sqlite_init_lock(storage):  # parallel workers may start on a new database
-            study = optuna.create_study(
-                study_name=self.study_name or "study",
-                storage=storage,
-                sampler=self.sampler,
-                pruner=build_pruner(study_cfg),
-                directions=self._get_directions(),
-                load_if_exists=True,
-            )
-        log.info(f"Study {study.study_name} in {storage} ({type(self.sampler).__name__})")
-        interrupted = self._recover_interrupted(study)
+        study = self._open_study(storage)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        make_sampler = sampler_factory(OmegaConf.to_container(self.sampler_conf), grid)
+        self.sampler_name = type(make_sampler(None)).__name__
+        seed = self.sampler_conf.get("seed") if self.sampler_conf is not None else None
+        log.info(
+            f"Study {study.study_name} in {storage} ({self.sampler_name}, seed {seed}): "
+            f"{self.n_trials} trials, {self.n_jobs} worker(s) on this host"
+        )
         tracker = Tracker(section(self.config, "tracking"))
-        parent_run_id = self._parent_run(tracker, study, space, fixed_params)
-        self._close_orphan_runs(tracker, study, interrupted)
-
-        status = "FAILED"
+        parent_run_id = self._parent_run(tracker, study, space, fixed)
+        hardware = section(self.config, "hardware")
+        plan = SweepPlan(
+            study_name=study.study_name, storage=storage, n_trials=self.n_trials,
+            max_failure_rate=self.max_failure_rate, space=space, fixed_overrides=fixed,
+            make_sampler=make_sampler, sampler_seed=seed, study=section(self.config, "study"),
+            objectives=list(self.config.get("objectives", ["best_val_acc"])),
+            config_name=self._config_name(), sweep_dir=str(sweep_dir),
+            devices=self._devices(), trials_per_device=hardware.trials_per_gpu,
+            main_pid=os.getpid(),
+            stop_file=str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"),
+            parent_run_id=parent_run_id, heartbeat_interval=self.heartbeat_interval,
+            grace_period=self.grace_period, max_retry=self.max_retry,
+            custom_search_space_extender=self.custom_search_space_extender,
+        )
+        stop = StopRequest(plan.stop_file)
+        status, error = "FAILED", None
         try:
-            self._run_batches(study, storage, parent_run_id, space, fixed_params, fixed_overrides)
-            status = "FINISHED"
+            with stop.installed():
+                returns = self._launch(plan)
+            error = next((r._return_value for r in returns
+                          if r.status.name == "FAILED"), None)
+            status = "KILLED" if stop.signum else ("FAILED" if error else "FINISHED")
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
             self._finish_parent(tracker, study, status)
-        self._save_results(study)
+            self._save_results(study)
+            self._summary(study, tracker, sweep_dir, status)
+        if stop.signum:
+            sys.exit(stop.exit_code)
+        if error is not None:
+            raise error
 
-    def _run_batches(
-        self,
-        study: optuna.Study,
-        storage: str,
-        parent_run_id: str | None,
-        space: dict,
-        fixed_params: dict,
-        fixed_overrides: list[str],
-    ) -> None:
-        while True:
-            done = sum(_counts_toward_study(t) for t in study.get_trials(deepcopy=False))
-            remaining = self.n_trials - done
-            if remaining <= 0:
-                log.info(f"Study {study.study_name} has {done}/{self.n_trials} trials: done")
-                return
-            batch = min(self.n_jobs, remaining)
-            trials = [study.ask() for _ in range(batch)]
-            for trial in trials:
-                study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.worker)
-            overrides = self._configure_trials(trials, space, fixed_params, fixed_overrides)
-            overrides = [
-                tuple(ov)
-                + (
-                    f"study.name={_quote(study.study_name)}",
-                    f"study.storage={_quote(storage)}",
-                    f"study.trial_number={trial.number}",
-                    f"study.slot={slot}",
-                    *([f"study.parent_run_id={parent_run_id}"] if parent_run_id else []),
-                )
-                for slot, (trial, ov) in enumerate(zip(trials, overrides))
-            ]
-            returns = self.launcher.launch(overrides, initial_job_idx=self.job_idx)
-            self.job_idx += len(returns)
-            failures = self._tell(study, trials, returns)
-            if returns and len(failures) / len(returns) > self.max_failure_rate:
-                log.error(
-                    f"{len(failures)} of {len(returns)} trials failed "
-                    f"(max_failure_rate={self.max_failure_rate})"
-                )
-                for ret in returns:
-                    ret.return_value  # noqa: B018  re-raises the job's exception
+    def _launch(self, plan: SweepPlan) -> list:
+        """Start this host's workers through the configured launcher and wait for them."""
+        launcher = Plugins.instance().instantiate_launcher(
+            config=self.config, hydra_context=self.hydra_context,
+            task_function=functools.partial(run_worker, plan=plan),
+        )
+        host = socket.gethostname()
+        jobs = [
+            [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{i}"]
+            for i in range(max(1, self.n_jobs))
+        ]
+        return list(launcher.launch(jobs, initial_job_idx=0))
 
-    def _tell(self, study: optuna.Study, trials: list, returns: list) -> list[BaseException]:
-        from zsharp_sweeps.sweep import Pruned
-
-        failures: list[BaseException] = []
-        n_objectives = len(study.directions)
-        for trial, ret in zip(trials, returns):
-            if ret.status == JobStatus.FAILED:
-                error = ret._return_value
-                if isinstance(error, (Pruned, optuna.TrialPruned)):
-                    study.tell(trial, state=TrialState.PRUNED)
-                    log.info(f"Trial {trial.number} pruned")
-                    continue
-                study.tell(trial, state=TrialState.FAIL)
-                log.warning(f"Trial {trial.number} failed: {error!r}")
-                failures.append(error)
-                continue
-            try:
-                value = ret.return_value
-                values = [float(v) for v in value] if n_objectives > 1 else [float(value)]
-                if len(values) != n_objectives:
-                    raise ValueError(f"expected {n_objectives} objective values, got {values}")
-            except (TypeError, ValueError) as exc:
-                study.tell(trial, state=TrialState.FAIL)
-                log.warning(f"Trial {trial.number} returned a bad value: {exc}")
-                failures.append(exc)
-                continue
-            study.tell(trial, values=values)
-        return failures
+    def _summary(self, study: optuna.Study, tracker: Tracker, sweep_dir: Path,
+                 status: str) -> None:
+        state = progress(study)
+        lines = [
+            f"Sweep {status.lower()}: {state.finished}/{self.n_trials} trials "
+            f"({state.complete} complete, {state.pruned} pruned, {state.failed} failed)"
+        ]
+        if len(study.directions) == 1 and state.complete:
+            best = study.best_trial
+            lines.append(f"  best value {best.value:.4f}: trial {best.number} {best.params}")
+        lines.append(f"  results: {sweep_dir / 'optimization_results.yaml'}")
+        if (sweep_dir / "report").exists():
+            lines.append(f"  report:  {sweep_dir / 'report'}")
+        if tracker.enabled and tracker.run_id:
+            lines.append(f"  MLflow:  parent run {tracker.run_id} in {tracker.uri} (make ui)")
+        log.info("\n".join(lines))
 
     def _save_results(self, study: optuna.Study) -> None:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        trials = study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        complete = [t for t in trials
+                    if t.state == TrialState.COMPLETE and counts_toward_study(t, retried)]
         if not complete:
             log.warning("No trial completed: no best parameters to report")
             return
         if len(study.directions) == 1:
             best = study.best_trial
             results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
-            log.info(f"Best parameters: {best.params}")
-            log.info(f"Best value: {best.value}")
         else:
             results = {
                 "name": "optuna",
@@ -335,18 +360,15 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
 class ZSharpOptunaSweeper(OptunaSweeper):
     """``hydra/sweeper=zsharp_optuna``: the stock plugin with ``ZSharpOptunaSweeperImpl``."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, heartbeat_interval: int = 10, grace_period: int | None = None,
+                 max_retry: int = 3, devices: list[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         stock = self.sweeper
         self.sweeper = ZSharpOptunaSweeperImpl(
-            stock.sampler,
-            stock.direction,
-            stock.storage,
-            stock.study_name,
-            stock.n_trials,
-            stock.n_jobs,
-            stock.max_failure_rate,
-            None,
-            stock.params,
+            stock.sampler, stock.direction, stock.storage, stock.study_name, stock.n_trials,
+            stock.n_jobs, stock.max_failure_rate, None, stock.params,
+            sampler_conf=kwargs.get("sampler"), heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period, max_retry=max_retry, devices=devices,
         )
         self.sweeper.custom_search_space_extender = stock.custom_search_space_extender
+

@@ -1,10 +1,12 @@
-"""What Hydra's Optuna sweeper does not do: pruning, seeds, GPU slots, resumable studies.
+"""The sweep runtime: long-lived workers that pull trials from the shared Optuna storage.
 
 The sweeper side lives in ``hydra_plugins/zsharp_optuna_sweeper`` (Hydra discovers plugins
-there); the trial side, which runs inside each training process, lives here.
+there): it validates, opens the study and the MLflow parent run, and starts the workers.
+Here: the worker loop (``worker``), what a trial is handed (``context``), per-trial seeds
+(``sampling``), which trials count (``progress``), pruning (``trial``) and how workers end
+with the sweep (``lifecycle``).
 """
 
-from zsharp_sweeps.sweep.devices import assign_device
-from zsharp_sweeps.sweep.trial import Pruned, StudyReporter, build_pruner
+from zsharp_sweeps.sweep.trial import Pruned, TrialReporter, build_pruner
 
-__all__ = ["Pruned", "StudyReporter", "assign_device", "build_pruner"]
+__all__ = ["Pruned", "TrialReporter", "build_pruner"]

@@ -1,9 +1,9 @@
 """The trial side of a sweep: report each epoch to Optuna and stop when the pruner says so.
 
 Hydra's Optuna sweeper asks Optuna for parameters and only tells the final value (hydra
-issue 1954: no pruning). Here the training process re-opens the trial in the shared study
-storage by number, reports validation accuracy after every epoch and raises ``Pruned``
-when the study's pruner decides; the sweeper then records the trial as PRUNED.
+issue 1954: no pruning). Here a sweep worker runs each trial in-process with the trial's
+own handle: validation accuracy is reported after every epoch and ``Pruned`` raised when
+the study's pruner decides, which ``study.optimize`` records as PRUNED.
 """
 
 from __future__ import annotations
@@ -60,26 +60,18 @@ EPOCH_METRIC_OF_OBJECTIVE = {
 }
 
 
-class StudyReporter:
-    """An ``on_epoch_end`` callback bound to one trial of a stored study.
+class TrialReporter:
+    """An ``on_epoch_end`` callback bound to one live Optuna trial (the worker's handle).
 
     It reports the epoch metric behind the study's (first) objective, oriented like that
     objective, so the pruner compares like with like. Optuna does not prune
     multi-objective studies; there it only records the intermediate values.
     """
 
-    def __init__(self, cfg: StudyConfig, objective: str) -> None:
-        if cfg.name is None or cfg.storage is None or cfg.trial_number is None:
-            raise ValueError("StudyReporter needs study.name, study.storage and study.trial_number")
+    def __init__(self, trial: optuna.Trial, objective: str, n_objectives: int) -> None:
         self.metric = EPOCH_METRIC_OF_OBJECTIVE[objective]
-        self.study = optuna.load_study(
-            study_name=cfg.name, storage=cfg.storage, pruner=build_pruner(cfg)
-        )
-        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(
-            self.study._study_id, cfg.trial_number
-        )
-        self.trial = optuna.trial.Trial(self.study, trial_id)
-        self.single_objective = len(self.study.directions) == 1
+        self.trial = trial
+        self.single_objective = n_objectives == 1
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
         if self.metric not in metrics or not self.single_objective:

@@ -1,0 +1,96 @@
+"""A sweep's workers end when its main process does, however it ends.
+
+Why: joblib's worker processes outlive a SIGKILLed parent, finish their trials and write
+COMPLETE runs that nobody tells Optuna about. Each worker therefore runs a watchdog thread
+that turns "my parent process is gone" or "the sweep asked me to stop" (a stop file the
+main process writes on SIGINT/SIGTERM, which works across hosts on a shared file system
+too) into a SIGTERM to itself. The worker's SIGTERM handler raises in its main thread, so
+the running trial ends the normal way: Optuna records it FAIL and enqueues a retry, MLflow
+records the run KILLED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self, stop_file: Path, watch_parent: bool) -> None:
+        super().__init__(name="zsharp-sweep-watchdog", daemon=True)
+        self.stop_file = stop_file
+        self.parent = os.getppid() if watch_parent else None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.wait(POLL_S):
+            reason = None
+            if self.parent is not None and os.getppid() != self.parent:
+                reason = "the sweep's main process is gone"
+            elif self.stop_file.exists():
+                reason = "the sweep was asked to stop"
+            if reason:
+                log.warning(f"Worker {os.getpid()} stopping: {reason}")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+
+@contextlib.contextmanager
+def watchdog(stop_file: str | os.PathLike, main_pid: int) -> Iterator[None]:
+    """Watch for the stop file and, in a child process of the sweep, for the parent's death."""
+    dog = _Watchdog(Path(stop_file), watch_parent=os.getppid() == main_pid)
+    dog.start()
+    try:
+        yield
+    finally:
+        dog.finished.set()
+        dog.join(timeout=2 * POLL_S)
+
+
+class StopRequest:
+    """The main process's SIGINT/SIGTERM handler while workers run: write the stop file and
+    let the workers finish their trials' bookkeeping, instead of dying and leaving them to
+    the launcher (which kills them without cleanup). A second signal stops at once."""
+
+    def __init__(self, stop_file: str | os.PathLike) -> None:
+        self.stop_file = Path(stop_file)
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            f"Received {signal.Signals(signum).name}: stopping the workers (their running "
+            "trials are recorded FAIL and retried on resume); press Ctrl-C again to abort"
+        )
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.touch()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self.stop_file.unlink(missing_ok=True)
+        old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            self.stop_file.unlink(missing_ok=True)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal number."""
+        return 128 + (self.signum or 0)

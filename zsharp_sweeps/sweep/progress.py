@@ -1,0 +1,100 @@
+"""Where a study stands: which trials count toward ``n_trials`` and when a worker is done.
+
+``n_trials`` is the size of the study (rerunning a sweep continues it). A trial does not
+count when a copy of it was retried (a worker died or was interrupted: Optuna's
+``RetryHeartbeatStaleTrialCallback`` enqueued the copy, which counts instead) or when it was asked
+beyond ``n_trials`` by workers racing at the end of a study (``SURPLUS_ATTR``). Everything
+here reads the storage through Optuna's public API, so every worker on every host
+computes the same answer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+#: User attr of a trial asked after the study was full (told FAIL, never counted).
+SURPLUS_ATTR = "zsharp:surplus"
+#: User attr of a trial stopped by a signal; its retry counts instead.
+INTERRUPTED_ATTR = "interrupted"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def retried_from(trial: FrozenTrial) -> int | None:
+    """The number of the trial that ``trial`` retries (Optuna's ``failed_trial`` attr)."""
+    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
+
+
+def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of trials that have a retry copy in the study."""
+    return {n for n in map(retried_from, trials) if n is not None}
+
+
+def counts_toward_study(trial: FrozenTrial, retried: set[int]) -> bool:
+    """Whether ``trial`` takes one of the study's ``n_trials`` places."""
+    if trial.state == TrialState.WAITING:
+        return False
+    if trial.user_attrs.get(SURPLUS_ATTR):
+        return False
+    if trial.state == TrialState.FAIL and (
+        trial.number in retried or trial.user_attrs.get(INTERRUPTED_ATTR)
+    ):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Counts of the trials that count, by state; ``waiting`` are enqueued retries."""
+
+    complete: int
+    pruned: int
+    failed: int
+    running: int
+    waiting: int
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    def done(self, n_trials: int) -> bool:
+        """No work left anywhere: every place is taken by a finished trial."""
+        return self.finished >= n_trials
+
+    def has_work(self, n_trials: int) -> bool:
+        """A worker that asks now gets a trial that counts."""
+        return self.waiting > 0 or self.finished + self.running < n_trials
+
+    def failure_rate(self) -> float:
+        return self.failed / self.finished if self.finished else 0.0
+
+
+def progress(study: optuna.Study) -> Progress:
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    counting = [t for t in trials if counts_toward_study(t, retried)]
+    return Progress(
+        complete=sum(t.state == TrialState.COMPLETE for t in counting),
+        pruned=sum(t.state == TrialState.PRUNED for t in counting),
+        failed=sum(t.state == TrialState.FAIL for t in counting),
+        running=sum(t.state == TrialState.RUNNING for t in counting),
+        waiting=sum(t.state == TrialState.WAITING for t in trials),
+    )
+
+
+def is_surplus(study: optuna.Study, trial_number: int, n_trials: int) -> bool:
+    """Whether the trial just asked lies beyond ``n_trials``: more counting trials with a
+    smaller number than the study has places. Trial numbers are handed out atomically by
+    the storage, so of several workers racing for the last place exactly one wins."""
+    trials = study.get_trials(deepcopy=False)
+    retried = retried_numbers(trials)
+    ahead = sum(
+        1 for t in trials if t.number < trial_number and counts_toward_study(t, retried)
+    )
+    return ahead >= n_trials

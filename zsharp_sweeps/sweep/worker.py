@@ -1,0 +1,335 @@
+"""Sweep workers: long-lived processes that pull trials from the shared Optuna storage.
+
+The sweeper (``hydra_plugins/zsharp_optuna_sweeper``) starts W workers through Hydra's
+launcher (joblib on one host, submitit on SLURM); the same command on another host adds
+workers to the same study. Each worker is pinned to one device for its life and loops:
+ask the study for a trial (``study.optimize(n_trials=1)``: Optuna's heartbeat, stale-trial
+check and tell come with it), compose the trial's config with Hydra's compose API (the
+sweep's overrides plus the sampled values), train it in-process and tell the result. A free
+worker asks at once, so a short (pruned) trial never waits for a long one. Data on the
+device, the CUDA context, cuDNN plans and compiled kernels stay warm between trials.
+
+Everything a trial needs comes in a ``TrialContext``; only public Optuna/Hydra APIs are
+used. Lifecycle: see ``lifecycle`` (workers end with the sweep) and ``progress`` (which
+trials count toward ``n_trials``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from zsharp_sweeps.config import ConfigError, StudyConfig
+from zsharp_sweeps.sweep.context import DataCache, TrialContext
+from zsharp_sweeps.sweep.lifecycle import watchdog
+from zsharp_sweeps.sweep.progress import (
+    INTERRUPTED_ATTR,
+    SURPLUS_ATTR,
+    is_surplus,
+    progress,
+    retried_from,
+)
+from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, suggest
+from zsharp_sweeps.sweep.trial import build_pruner
+
+log = logging.getLogger(__name__)
+
+#: How often an idle worker looks again while the study's last trials run elsewhere (one of
+#: them may die and be retried, and this worker should take the retry).
+IDLE_POLL_S = 1.0
+
+
+class SurplusTrial(RuntimeError):
+    """Asked after the study was full (workers raced for the last place); never counted."""
+
+
+class MaxFailuresExceeded(RuntimeError):
+    """More trials failed than ``max_failure_rate`` allows over the whole study."""
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything a worker needs to join a study; built once by the sweeper, pickled to the
+    workers by the launcher (joblib, submitit)."""
+
+    study_name: str
+    storage: str
+    n_trials: int
+    max_failure_rate: float
+    space: dict[str, BaseDistribution]
+    fixed_overrides: list[str]
+    make_sampler: Callable[[int | None], optuna.samplers.BaseSampler]
+    sampler_seed: int | None
+    study: StudyConfig
+    objectives: list[str]
+    config_name: str
+    sweep_dir: str
+    devices: list[str]
+    trials_per_device: int
+    main_pid: int
+    stop_file: str
+    parent_run_id: str | None = None
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 3
+    custom_search_space_extender: Callable[[DictConfig, optuna.Trial], None] | None = None
+
+    def device_for(self, worker_index: int) -> str:
+        return self.devices[(worker_index // self.trials_per_device) % len(self.devices)]
+
+    def max_failures(self) -> int:
+        """Failures the study may hold: beyond this its failure rate must exceed the bound."""
+        return int(self.max_failure_rate * self.n_trials)
+
+
+def open_storage(plan: SweepPlan) -> optuna.storages.RDBStorage:
+    """The study's RDB storage with Optuna's heartbeat, so a dead worker's trial is noticed
+    by every other worker (after ``grace_period`` s) and retried."""
+    engine_kwargs: dict[str, Any] = {}
+    if plan.storage.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            plan.storage,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=plan.heartbeat_interval,
+            grace_period=plan.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                max_retry=plan.max_retry
+            ),
+        )
+
+
+def _retry(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
+    """Enqueue a copy of ``trial`` exactly as Optuna does for a stale one (same params,
+    ``failed_trial``/``retry_history`` system attrs), so every retry looks the same."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
+
+
+def trial_run_name(number: int, params: dict[str, Any]) -> str:
+    """``t7 lr=0.0412 percentile=0.87 rho=0.113``: tellable apart in the MLflow UI."""
+    parts = [f"t{number}"]
+    for name, value in params.items():
+        short = name.lstrip("+~").rsplit(".", 1)[-1]
+        parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
+    return " ".join(parts)[:250]
+
+
+@contextlib.contextmanager
+def _trial_log(path: Path) -> Iterator[None]:
+    """The trial's log lines also go to ``<trial dir>/train.log``."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+@dataclass
+class Worker:
+    """One worker: a device, a study handle and the warm state it keeps between trials."""
+
+    plan: SweepPlan
+    index: int
+    job_config: DictConfig | None = None
+    host: str = field(default_factory=socket.gethostname)
+    data_cache: DataCache = field(default_factory=DataCache)
+    trials_run: int = 0
+
+    def __post_init__(self) -> None:
+        self.device = self.plan.device_for(self.index)
+        self.study = optuna.load_study(
+            study_name=self.plan.study_name,
+            storage=open_storage(self.plan),
+            sampler=TrialSeededSampler(self.plan.make_sampler, self.plan.sampler_seed),
+            pruner=build_pruner(self.plan.study),
+        )
+        self._current: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.host}/{self.index}"
+
+    # ----- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Take trials until the study is full; returns what this worker did."""
+        self._pin_device()
+        log.info(f"Worker {self.label} on {self.device} joined study {self.plan.study_name}")
+        stopped = None
+        try:
+            while True:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(self.study)
+                state = progress(self.study)
+                if state.done(self.plan.n_trials):
+                    break
+                if state.failed > self.plan.max_failures():
+                    raise MaxFailuresExceeded(
+                        f"{state.failed} of {state.finished} finished trials failed, more than "
+                        f"hydra.sweeper.max_failure_rate={self.plan.max_failure_rate} of "
+                        f"n_trials={self.plan.n_trials} allows"
+                    )
+                if not state.has_work(self.plan.n_trials):
+                    time.sleep(IDLE_POLL_S)
+                    continue
+                self.study.optimize(
+                    self.objective, n_trials=1, catch=(Exception,),
+                    callbacks=[self._log_finished], gc_after_trial=False,
+                    show_progress_bar=False,
+                )
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through the signal handler
+            stopped = type(exc).__name__
+            self._retry_interrupted()
+        return {"worker": self.label, "device": self.device, "trials": self.trials_run,
+                "stopped": stopped, "data_cache_hits": self.data_cache.hits}
+
+    def _pin_device(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            # Streams, graphs, cuDNN and Triton launch on the current device: make it ours.
+            torch.cuda.set_device(self.device)
+
+    def _retry_interrupted(self) -> None:
+        """The interrupted trial is FAIL now (``optimize`` told it); enqueue its retry."""
+        if self._current is None:
+            return
+        with contextlib.suppress(Exception):
+            frozen = self._frozen(self._current)
+            if frozen.state == TrialState.FAIL and frozen.user_attrs.get(INTERRUPTED_ATTR):
+                _retry(self.study, frozen, self.plan.max_retry)
+                log.warning(f"Trial {frozen.number} interrupted: recorded FAIL, enqueued again")
+
+    def _frozen(self, number: int) -> FrozenTrial:
+        return next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+
+    def _log_finished(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.user_attrs.get(SURPLUS_ATTR):
+            return
+        value = ""
+        if trial.state == TrialState.COMPLETE:
+            values = trial.values
+            value = ": " + ", ".join(
+                f"{name}={v:.4f}" for name, v in zip(self.plan.objectives, values)
+            )
+        wall = trial.user_attrs.get("wall_s")
+        log.info(
+            f"trial {trial.number} {trial.state.name.lower()}{value} "
+            f"({trial_run_name(trial.number, trial.params)}) on {self.device}"
+            + (f" in {wall:.1f}s" if wall is not None else "")
+        )
+
+    # ----- one trial -----------------------------------------------------------------------
+    def objective(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        self._current = trial.number
+        if is_surplus(self.study, trial.number, self.plan.n_trials):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            self._requeue_if_retry(trial)
+            raise SurplusTrial(f"trial {trial.number}: the study already has its trials")
+        started = time.perf_counter()
+        trial.set_user_attr("worker", {"host": self.host, "pid": os.getpid(),
+                                       "index": self.index, "device": self.device})
+        try:
+            return self._run(trial, started)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(INTERRUPTED_ATTR, True)
+            raise
+
+    def _requeue_if_retry(self, trial: optuna.Trial) -> None:
+        """A surplus ask may have popped an enqueued retry: put its parameters back."""
+        frozen = self._frozen(trial.number)
+        if retried_from(frozen) is not None:
+            _retry(self.study, frozen, None)
+
+    def _run(self, trial: optuna.Trial, started: float) -> float | tuple[float, ...]:
+        from zsharp_sweeps.train import objective_values, record_rejected_trial, run_experiment
+
+        params = {name: suggest(trial, name, dist) for name, dist in self.plan.space.items()}
+        if self.plan.custom_search_space_extender is not None:
+            self.plan.custom_search_space_extender(self.job_config, trial)
+            params = dict(trial.params)
+        overrides = [*self.plan.fixed_overrides,
+                     *(f"{name}={override_value(v)}" for name, v in params.items())]
+        out_dir = Path(self.plan.sweep_dir) / str(trial.number)
+        run_name = trial_run_name(trial.number, params)
+        tags = {"study_name": self.plan.study_name, "trial_number": str(trial.number),
+                "worker": self.label}
+        retry_of = retried_from(self._frozen(trial.number))
+        if retry_of is not None:
+            tags["retry_of"] = str(retry_of)
+        cfg = self._compose(overrides, out_dir)
+        epoch_walls: list[float] = []
+        context = TrialContext(
+            trial=trial, n_objectives=len(self.plan.objectives), device=self.device,
+            run_name=run_name, out_dir=out_dir, parent_run_id=self.plan.parent_run_id,
+            tags=tags, data_cache=self.data_cache,
+            callbacks=[lambda epoch, m: epoch_walls.append(m.get("epoch_wall_s", 0.0))],
+        )
+        with _trial_log(out_dir / "train.log"):
+            log.info(f"trial {trial.number} on {self.device}: {' '.join(overrides)}")
+            try:
+                from zsharp_sweeps.config import validate
+
+                train_cfg = validate(cfg)
+            except ConfigError as exc:
+                record_rejected_trial(cfg, overrides, exc, context)
+                raise
+            try:
+                summary = run_experiment(train_cfg, overrides=overrides, context=context)
+            finally:
+                wall = time.perf_counter() - started
+                self.trials_run += 1
+                with contextlib.suppress(Exception):
+                    trial.set_user_attr("wall_s", wall)
+                    trial.set_user_attr("overhead_s", wall - sum(epoch_walls))
+            return objective_values(train_cfg, summary)
+
+    def _compose(self, overrides: list[str], out_dir: Path) -> DictConfig:
+        """The trial's config, as Hydra would compose it for a job with these overrides;
+        written to ``<sweep dir>/<trial number>/.hydra/`` like a Hydra job's."""
+        from hydra import compose
+
+        cfg = compose(config_name=self.plan.config_name, overrides=list(overrides))
+        hydra_dir = out_dir / ".hydra"
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, hydra_dir / "config.yaml")
+        OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
+        return cfg
+
+
+def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
+    """The launcher's job function: one worker, for as long as the study has trials."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from zsharp_sweeps.signals import sigterm_as_interrupt
+
+    try:
+        index = int(HydraConfig.get().job.num)
+    except ValueError:  # called outside a Hydra job (tests): one worker
+        index = 0
+    with watchdog(plan.stop_file, plan.main_pid), sigterm_as_interrupt():
+        worker = Worker(plan, index, job_config=cfg)
+        return worker.run()
