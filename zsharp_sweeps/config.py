@@ -378,12 +378,19 @@ def section(cfg: DictConfig, group: str):
     return schema(**{k: v for k, v in (raw or {}).items() if k in schema.__annotations__})
 
 
+def schema_config_name(group: str) -> str:
+    """The name each group's schema is stored under: ``data`` -> ``data_schema``."""
+    return f"{group}_schema"
+
+
 def register_configs() -> None:
-    """Store each group's schema as ``<group>/_schema`` so every YAML option can start
-    from it (``defaults: [_schema, _self_]``): any schema key can then be overridden from
-    the command line without ``+``, and types are checked as Hydra composes."""
+    """Store each group's schema as the root-level config ``<group>_schema`` so every YAML
+    option can start from it (``defaults: [/data_schema, _self_]``): any schema key can
+    then be overridden from the command line without ``+``, and types are checked as Hydra
+    composes. Root level, not inside the group: an option of the group would be offered by
+    ``--help`` and tab completion as if it could be picked (``data=_schema``)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name="_schema", node=schema, replace=True)
+        store.store(name=schema_config_name(group), node=schema, replace=True)
