@@ -185,6 +185,7 @@ class HardwareConfig:
 
 
 SCHEDULERS = ("none", "cosine", "step", "multistep")
+KEEP_CHECKPOINTS = ("last", "best", "none")
 
 
 @dataclass
@@ -203,9 +204,27 @@ class TrainerConfig:
     max_steps_per_epoch: int | None = None
     eval_test_every_epoch: bool = True
     progress: bool = True
+    # Checkpoints (zsharp_sweeps/checkpoint.py): one at the end of every epoch, so a killed
+    # run, or a sweep trial retried after its worker died, resumes where it stopped.
+    checkpoint: bool = True
+    # null: <the run's Hydra output dir>/checkpoints (no checkpoints outside a Hydra run).
+    checkpoint_dir: str | None = None
+    # A checkpoint file, or a directory (its latest checkpoint), to continue from.
+    resume: str | None = None
+    # What stays on disk once the run has finished: last, best (best val_acc epoch), none.
+    keep_checkpoints: str = "last"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, ">= 1")
+        _one_of("trainer.keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
+        _check(
+            self.checkpoint_dir is None or bool(str(self.checkpoint_dir).strip()),
+            "trainer.checkpoint_dir", self.checkpoint_dir, "null or a directory path",
+        )
+        _check(
+            self.resume is None or bool(str(self.resume).strip()), "trainer.resume",
+            self.resume, "null or the path of a checkpoint file or directory",
+        )
         _one_of("trainer.scheduler", self.scheduler, SCHEDULERS)
         _check(self.warmup_epochs >= 0, "trainer.warmup_epochs", self.warmup_epochs, ">= 0")
         _check(self.step_size >= 1, "trainer.step_size", self.step_size, ">= 1")

@@ -3,7 +3,9 @@
 Why it looks like this: per-batch loss and accuracy are accumulated *on the device* and
 read once per epoch, so the GPU never waits for Python between steps (airbench's rule).
 Everything a caller may want per epoch (MLflow logging, Optuna pruning, progress) is an
-``on_epoch_end`` callback, so the loop itself knows nothing about tracking or sweeps.
+``on_epoch_end`` callback, so the loop itself knows nothing about tracking or sweeps. A
+``Checkpointer`` (zsharp_sweeps/checkpoint.py) saves the state after each epoch's callbacks,
+and ``resume`` continues from such a checkpoint at the next epoch, with the same numbers.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsharp_sweeps.checkpoint import Checkpointer, TrainingState, restore
 from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.graphs import CudaGraphStep
@@ -89,12 +93,17 @@ def fit(
     *,
     on_epoch_end: Sequence[EpochCallback] = (),
     sharpness_fn: Callable[[nn.Module, int, bool], dict[str, float]] | None = None,
+    checkpointer: Checkpointer | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``cfg.trainer.epochs`` epochs on ``data`` (a DataBundle).
 
     ``sharpness_fn(model, epoch, is_last)`` returns the sharpness metrics due this epoch.
     Callbacks receive the epoch (1-based, MLflow's step) and that epoch's metrics; one may
-    raise to stop training (e.g. ``optuna.TrialPruned``).
+    raise to stop training (e.g. ``optuna.TrialPruned``). ``checkpointer.save`` runs after
+    them, so a checkpoint's epoch is one whose metrics were recorded. ``resume`` (a loaded
+    checkpoint) restores model, optimizer, scheduler, scaler, history and RNGs and starts at
+    the epoch after it: callbacks see only the remaining epochs.
     """
     tcfg, hw = cfg.trainer, cfg.hardware
     amp_dtype = AMP_DTYPES[hw.precision]
@@ -128,12 +137,24 @@ def fit(
     if tcfg.max_steps_per_epoch is not None:
         steps = min(steps, tcfg.max_steps_per_epoch)
     result = FitResult()
-    best_val_acc = -math.inf
-    epochs = tqdm(
-        range(1, tcfg.epochs + 1), desc="epochs", unit="ep", disable=not tcfg.progress,
-        leave=True, dynamic_ncols=True,
+    state = TrainingState(model, optimizer, scheduler, scaler, result.history)
+    start_epoch = 1 if resume is None else restore(resume, state) + 1  # RNGs restored last
+    best_val_acc = max(
+        (h["val_acc"] for h in result.history if math.isfinite(h.get("val_acc", math.nan))),
+        default=-math.inf,
     )
+    epochs = tqdm(
+        range(start_epoch, tcfg.epochs + 1), desc="epochs", unit="ep",
+        disable=not tcfg.progress, leave=True, dynamic_ncols=True, initial=start_epoch - 1,
+        total=tcfg.epochs,
+    )
+    set_epoch = getattr(data.train, "set_epoch", None)
     for epoch in epochs:
+        if set_epoch is not None:
+            # The loader's shuffle and augmentation are seeded by (seed, epoch): naming the
+            # epoch makes a resumed run, or a loader reused across trials, draw what an
+            # uninterrupted run draws.
+            set_epoch(epoch - 1)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         start = time.perf_counter()
@@ -147,7 +168,7 @@ def fit(
         # The first steps of a run (loader, step, metric kernels used for the first time, CUDA
         # graph warm-up and capture) hold the process-wide lock: see zsharp_sweeps.concurrency.
         with contextlib.ExitStack() as first_steps:
-            if epoch == 1:
+            if epoch == start_epoch:
                 first_steps.enter_context(CUDA_EXCLUSIVE)
             for step, (inputs, targets) in enumerate(data.train):
                 if step >= steps:
@@ -159,7 +180,7 @@ def fit(
                 seen += targets.numel()
                 bar.update(1)
                 if step + 1 == _FIRST_STEPS_EXCLUSIVE:
-                    first_steps.close()  # releases the lock (a no-op after epoch 1)
+                    first_steps.close()  # releases the lock (a no-op after the first epoch)
         bar.close()
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # this trial's work only
@@ -199,6 +220,8 @@ def fit(
         )
         for callback in on_epoch_end:
             callback(epoch, metrics)
+        if checkpointer is not None:
+            checkpointer.save(epoch, state)
     last = result.history[-1]
     result.summary = {
         "best_val_acc": best_val_acc if data.val is not None else math.nan,

@@ -137,6 +137,7 @@ class Tracker:
         run_name: str | None = None,
         tags: Mapping[str, str] | None = None,
         parent_run_id: str | None = None,
+        resume_run_id: str | None = None,
     ) -> Iterator[Tracker]:
         """Open a run; it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
 
@@ -151,9 +152,15 @@ class Tracker:
         all_tags.update(self.cfg.tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = _retry(
-            self._client.create_run, self.experiment_id, run_name=run_name, tags=all_tags
-        )
+        # A resumed training (zsharp_sweeps.checkpoint) continues in the run it started in;
+        # if the store no longer has that run, a new one says where it came from.
+        run = self._reopen(resume_run_id, all_tags) if resume_run_id else None
+        if run is None:
+            if resume_run_id:
+                all_tags["resumed_from"] = resume_run_id
+            run = _retry(
+                self._client.create_run, self.experiment_id, run_name=run_name, tags=all_tags
+            )
         self.run_id = run.info.run_id
         status, state = "FINISHED", "COMPLETE"
         try:
@@ -171,6 +178,22 @@ class Tracker:
             with contextlib.suppress(Exception):
                 self.set_tags({"run_state": state})
             _retry(self._client.set_terminated, self.run_id, status=status)
+
+    def _reopen(self, run_id: str, tags: Mapping[str, str]):
+        """The existing, not deleted run ``run_id``, set RUNNING again with ``tags`` added;
+        None if this store does not have it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.lifecycle_stage != "active":
+            return None
+        _retry(self._client.update_run, run_id, status="RUNNING")
+        self.run_id = run_id
+        self.set_tags(tags)
+        return run
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:

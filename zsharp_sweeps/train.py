@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.checkpoint import Checkpointer, checkpoint_dir_for, prepare_resume
 from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import (
     ConfigError,
@@ -176,6 +177,9 @@ def _run_training(
     run_tags: dict[str, str] | None,
 ) -> dict[str, float]:
     resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
+    # trainer.resume is checked (path, config) before any MLflow run is opened.
+    resume = prepare_resume(train_cfg, resolved)
+    checkpoint_dir = checkpoint_dir_for(train_cfg)
 
     tracker = Tracker(train_cfg.tracking)
     tags = {**identity_tags(train_cfg), "device": str(device), **(run_tags or {})}
@@ -185,10 +189,18 @@ def _run_training(
         tags["git_commit"] = commit
     run_name = default_run_name(train_cfg)
     started = time.perf_counter()
-    with tracker.run(run_name=run_name, tags=tags, parent_run_id=parent_run_id):
-        tracker.log_params(flatten(resolved))
-        tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
-        tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
+    resume_run_id = resume.run_id if resume is not None else None
+    with tracker.run(run_name=run_name, tags=tags, parent_run_id=parent_run_id,
+                     resume_run_id=resume_run_id):
+        # Resumed into its own run: params and config are there already (and params cannot
+        # change); only the remaining epochs get logged, so each epoch appears once.
+        reopened = resume_run_id is not None and tracker.run_id == resume_run_id
+        if reopened:
+            tracker.set_tags({"resumed_after_epoch": str(resume.epoch)})
+        else:
+            tracker.log_params(flatten(resolved))
+            tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
+            tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
         # Exclusive (zsharp_sweeps.concurrency): concurrent trials, threads of the
         # zsharp_streams launcher, each get their seed's weights, and device setup stays clear
@@ -206,11 +218,27 @@ def _run_training(
         def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracker.log_metrics(metrics, step=epoch)
 
-        result = fit(
-            model, optimizer, data, train_cfg,
-            on_epoch_end=[log_epoch, *callbacks],
-            sharpness_fn=_sharpness_fn(train_cfg, data),
-        )
+        if resume is not None and not reopened:  # a new run: it gets the earlier epochs too
+            for row in resume.history:
+                log_epoch(int(row["epoch"]), {k: v for k, v in row.items() if k != "epoch"})
+        checkpointer = None
+        if checkpoint_dir is not None:
+            checkpointer = Checkpointer(
+                checkpoint_dir, run_id=tracker.run_id, config=resolved,
+                keep=train_cfg.trainer.keep_checkpoints,
+            )
+        try:
+            result = fit(
+                model, optimizer, data, train_cfg,
+                on_epoch_end=[log_epoch, *callbacks],
+                sharpness_fn=_sharpness_fn(train_cfg, data),
+                checkpointer=checkpointer,
+                resume=resume.payload if resume is not None else None,
+            )
+        except BaseException as exc:  # a pruned trial is over: tidy as if it had finished
+            if checkpointer is not None and getattr(exc, "run_state", None) == "PRUNED":
+                checkpointer.finish()
+            raise  # anything else keeps its checkpoints, to resume from
         last_sharpness = {
             k: v for k, v in result.history[-1].items() if k.startswith("sharpness/")
         }
@@ -226,6 +254,8 @@ def _run_training(
             figure = plot_curves(result.history, title=run_name)
             tracker.log_figure(figure, "curves.png")
         summary["run_id"] = tracker.run_id  # type: ignore[assignment]
+        if checkpointer is not None:
+            checkpointer.finish(result.history)  # trainer.keep_checkpoints
     log.info(
         "done: %s best_val_acc=%.4f final_test_acc=%.4f in %.1fs%s",
         run_name, summary["best_val_acc"], summary["final_test_acc"], summary["train_time_s"],
