@@ -1,34 +1,57 @@
 """``python -m zsharp_sweeps.report <sweep dir | study storage>``: what a sweep found.
 
-Prints a best-settings table and writes plots (objective vs Q_p, rho x Q_p heatmap,
-optimisation history, parameter importances, validation-accuracy curves per optimizer,
-the Pareto front of a multi-objective study) and a seed table with mean +- std, plus a
-paired test between two optimizers across seeds (``--compare zsharp,sam``). Everything is
-written to ``--out`` and, when the study has an MLflow parent run, logged to it.
+Writes to ``--out`` (default ``<sweep dir>/report``): ``summary.txt`` and ``report.md``
+(best settings, every trial with its state, final test accuracy per configuration over
+seeds, the optional paired test ``--compare zsharp,sam``, warnings), ``best_settings.csv``,
+``trials.csv``, ``seeds.csv``, Optuna's plots (history, importances, slice, contour,
+parallel coordinates, Pareto front) and ``val_curves.png`` (validation accuracy per trial,
+read from MLflow). With an MLflow parent run the files are logged to it.
+
+Trials that do not count toward the study are left out of everything: a failed trial that
+was retried under a new number (user attribute ``interrupted``, or Optuna's heartbeat
+retry), a trial asked beyond ``n_trials`` (``zsharp:surplus``), an enqueued retry.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import sys
-from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import optuna
+import pandas as pd
+from optuna.trial import FrozenTrial, TrialState
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+from zsharp_sweeps.plots import (
+    IMPORTANCE_MIN_TRIALS,
+    TrialCurve,
+    importance_warning,
+    save,
+    sweep_figures,
+    val_curves_figure,
+)
+from zsharp_sweeps.sweep.progress import counts_toward_study, retried_numbers
+from zsharp_sweeps.tables import (
+    OPTIMIZER,
+    SEED,
+    best_settings,
+    compare,
+    compare_optimizers,
+    format_table,
+    objective_names,
+    paired_test,
+    seed_table,
+    state_counts,
+    trials_frame,
+)
 
-from zsharp_sweeps.tables import format_table  # noqa: E402
+__all__ = ["compare", "load_study", "main", "paired_test", "write_report"]
 
-RHO, QP, LR = "optimizer.rho", "optimizer.percentile", "optimizer.lr"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 # ----- loading ---------------------------------------------------------------------------
@@ -59,286 +82,249 @@ def load_study(target: str, study_name: str | None = None) -> optuna.Study:
     return optuna.load_study(study_name=study_name, storage=url)
 
 
-# ----- tables ----------------------------------------------------------------------------
-def best_settings(study: optuna.Study, top: int = 10) -> list[dict[str, Any]]:
-    """The best complete trials, best first (single objective) or the Pareto front."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if len(study.directions) > 1:
-        rows = study.best_trials
-    else:
-        reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        rows = sorted(complete, key=lambda t: t.value, reverse=reverse)[:top]
-    return [
-        {"trial": t.number, **{f"value{i}" if len(t.values) > 1 else "value": v
-                              for i, v in enumerate(t.values)}, **t.params}
-        for t in rows
-    ]
-
-
-def state_counts(study: optuna.Study) -> dict[str, int]:
+def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that take a place in the study (the sweep's own rule): no surplus trial,
+    no failed trial that was retried, no enqueued retry that has not started."""
     trials = study.get_trials(deepcopy=False)
-    return {s.name: n for s in TrialState if (n := sum(t.state == s for t in trials))}
+    retried = retried_numbers(trials)
+    return [t for t in trials if counts_toward_study(t, retried)]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
-
-
-def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    """Paired t-test of a - b across seeds (and Wilcoxon's signed-rank where it is defined)."""
-    from scipy import stats
-
-    a_arr, b_arr = np.asarray(a, float), np.asarray(b, float)
-    diff = a_arr - b_arr
-    out = {"n": float(diff.size), "mean_diff": float(diff.mean()),
-           "std_diff": float(diff.std(ddof=1)) if diff.size > 1 else 0.0}
-    if diff.size >= 2 and np.any(diff != diff[0]):
-        t = stats.ttest_rel(a_arr, b_arr)
-        out.update(t_stat=float(t.statistic), p_value=float(t.pvalue))
-    else:
-        out.update(t_stat=math.nan, p_value=math.nan)
-    return out
-
-
-# ----- plots -----------------------------------------------------------------------------
-def _complete_single(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    if len(study.directions) != 1:
-        return []
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def plot_history(study: optuna.Study, path: Path) -> Path | None:
-    trials = _complete_single(study)
-    if not trials:
-        return None
-    xs = [t.number for t in trials]
-    ys = [t.value for t in trials]
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    best = [pick(ys[: i + 1]) for i in range(len(ys))]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter(xs, ys, label="trial", alpha=0.7)
-    ax.step(xs, best, where="post", color="C3", label="best so far")
-    ax.set(xlabel="trial", ylabel="objective", title=f"optimisation history: {study.study_name}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
-
-
-def plot_objective_vs(study: optuna.Study, param: str, path: Path) -> Path | None:
-    trials = [t for t in _complete_single(study) if param in t.params]
-    if not trials:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = np.array([t.params[param] for t in trials], dtype=float)
-    ys = np.array([t.value for t in trials], dtype=float)
-    ax.scatter(xs, ys, alpha=0.7)
-    uniq = np.unique(xs)
-    if len(uniq) < len(xs):  # a grid: show the mean per value too
-        ax.plot(uniq, [ys[xs == u].mean() for u in uniq], color="C3", marker="o", label="mean")
-        ax.legend()
-    ax.set(xlabel=param, ylabel="objective", title=f"objective vs {param}")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_rho_qp_heatmap(study: optuna.Study, path: Path, bins: int = 6) -> Path | None:
-    trials = [t for t in _complete_single(study) if RHO in t.params and QP in t.params]
-    if len(trials) < 2:
-        return None
-    rho = np.log10([t.params[RHO] for t in trials])
-    qp = np.array([t.params[QP] for t in trials], dtype=float)
-    val = np.array([t.value for t in trials], dtype=float)
-    r_edges = np.linspace(rho.min(), rho.max() + 1e-9, bins + 1)
-    q_edges = np.linspace(qp.min(), qp.max() + 1e-9, bins + 1)
-    grid = np.full((bins, bins), np.nan)
-    ri = np.clip(np.digitize(rho, r_edges) - 1, 0, bins - 1)
-    qi = np.clip(np.digitize(qp, q_edges) - 1, 0, bins - 1)
-    for i in range(bins):
-        for j in range(bins):
-            sel = (qi == i) & (ri == j)
-            if sel.any():
-                grid[i, j] = val[sel].mean()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    image = ax.imshow(
-        grid, origin="lower", aspect="auto", cmap="viridis",
-        extent=(r_edges[0], r_edges[-1], q_edges[0], q_edges[-1]),
-    )
-    ax.scatter(rho, qp, c="white", s=10, edgecolors="black", linewidths=0.5)
-    fig.colorbar(image, ax=ax, label="mean objective")
-    ax.set(xlabel="log10 rho", ylabel="Q_p (percentile)", title="objective over rho x Q_p")
-    return _save(fig, path)
-
-
-def plot_importances(study: optuna.Study, path: Path) -> Path | None:
-    trials = _complete_single(study)
-    if len(trials) < 3:
-        return None
+def study_view(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Study:
+    """An in-memory copy holding only ``trials`` (finished ones), for Optuna's plots."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
     try:
-        importances = optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):
-        return None
-    if not importances:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(importances)))
-    names = list(importances)[::-1]
-    ax.barh(names, [importances[n] for n in names])
-    ax.set(xlabel="importance (fANOVA)", title="parameter importances")
-    return _save(fig, path)
-
-
-def plot_pareto(study: optuna.Study, path: Path) -> Path | None:
-    if len(study.directions) != 2:
-        return None
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not trials:
-        return None
-    front = {t.number for t in study.best_trials}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for on_front, colour, label in ((False, "C0", "trial"), (True, "C3", "Pareto front")):
-        pts = [t.values for t in trials if (t.number in front) == on_front]
-        if pts:
-            ax.scatter(*zip(*pts), c=colour, label=label)
-    ax.set(xlabel="objective 0", ylabel="objective 1", title="Pareto front")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def plot_val_curves(curves: dict[str, list[list[tuple[int, float]]]], path: Path) -> Path | None:
-    """Validation accuracy per epoch, one colour per optimizer, one line per run."""
-    if not curves:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (optimizer, runs) in enumerate(sorted(curves.items())):
-        for k, run in enumerate(runs):
-            steps, values = zip(*sorted(run)) if run else ((), ())
-            ax.plot(steps, values, color=f"C{i}", alpha=0.6, label=optimizer if k == 0 else None)
-    ax.set(xlabel="epoch", ylabel="val_acc", title="validation accuracy per optimizer")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
-
-
-def _save(fig: plt.Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        view = optuna.create_study(study_name=study.study_name, directions=study.directions)
+    finally:
+        optuna.logging.set_verbosity(previous)
+    if study.metric_names:
+        view.set_metric_names(list(study.metric_names))
+    view.add_trials([t for t in trials if t.state in FINISHED])
+    return view
 
 
 # ----- MLflow side -----------------------------------------------------------------------
-def _descendant_runs(client, experiment_ids: list[str], parent_run_id: str) -> list:
-    runs, frontier = [], [parent_run_id]
-    while frontier:
-        children = [  # MLflow's search takes no IN on tags: one query per parent
-            run
-            for parent in frontier
-            for run in client.search_runs(
-                experiment_ids, filter_string=f"tags.mlflow.parentRunId = '{parent}'",
-                max_results=5000,
-            )
-        ]
-        runs += children
-        frontier = [r.info.run_id for r in children]
-    return runs
+@dataclass
+class MlflowResults:
+    """What only MLflow knows: per-epoch validation curves and per-seed test accuracy."""
+
+    curves: list[TrialCurve] = field(default_factory=list)
+    seed_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    averaged_seeds: bool = False  # some trial's curve is the mean of its seed runs
 
 
-def mlflow_results(tracker, parent_run_id: str) -> tuple[dict, dict]:
-    """Per-optimizer val curves of trial runs, and {optimizer: {seed: [final_test_acc]}}."""
-    client = tracker._client
-    exp = [client.get_run(parent_run_id).info.experiment_id]
-    runs = _descendant_runs(client, exp, parent_run_id)
-    curves: dict[str, list[list[tuple[int, float]]]] = defaultdict(list)
-    by_seed: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        opt = run.data.tags.get("optimizer", "?")
-        is_trial = run.data.tags.get("mlflow.parentRunId") == parent_run_id
-        if is_trial:
-            history = client.get_metric_history(run.info.run_id, "val_acc")
-            curves[opt].append([(m.step, m.value) for m in history])
-        is_group = "n_seeds" in run.data.tags
-        if not is_group and "final_test_acc" in run.data.metrics and "seed" in run.data.params:
-            by_seed[opt][int(run.data.params["seed"])].append(run.data.metrics["final_test_acc"])
-    return dict(curves), {k: dict(v) for k, v in by_seed.items()}
+def _children(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """Every run whose MLflow parent is ``parent_run_id`` (all result pages)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+            max_results=1000, page_token=token,
+        )
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
 
 
-def seed_table(by_seed: dict[str, dict[int, list[float]]]) -> list[dict[str, Any]]:
+def mlflow_results(
+    tracking_uri: str, parent_run_id: str, trials: Sequence[FrozenTrial]
+) -> MlflowResults:
+    """Read the trial runs nested under the sweep's parent run (public MLflow client API).
+
+    A trial run is matched to its trial by the ``trial_number`` tag; only counted trials
+    are read. A trial that ran ``study.n_seeds`` seeds is a group run (tag ``n_seeds``)
+    whose nested runs are the seeds; otherwise the trial run is the seed run.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    by_number = {t.number: t for t in trials}
+    trial_runs: dict[int, Any] = {}
+    for run in sorted(_children(client, experiment_id, parent_run_id),
+                      key=lambda r: r.info.start_time or 0):
+        number = run.data.tags.get("trial_number", "")
+        if number.isdigit() and int(number) in by_number:
+            trial_runs[int(number)] = run  # the latest run of a trial number wins
+    results = MlflowResults()
     rows = []
-    for opt, seeds in sorted(by_seed.items()):
-        per_seed = [float(np.mean(v)) for _, v in sorted(seeds.items())]
-        mean, std = mean_std(per_seed)
-        rows.append({"optimizer": opt, "seeds": len(per_seed),
-                     "final_test_acc_mean": mean, "final_test_acc_std": std})
-    return rows
+    for number, run in sorted(trial_runs.items()):
+        trial = by_number[number]
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        grouped = "n_seeds" in run.data.tags
+        if history:
+            results.curves.append(TrialCurve(
+                number, trial.state.name, dict(trial.params), [(m.step, m.value) for m in history]))
+            results.averaged_seeds |= grouped
+        if trial.state != TrialState.COMPLETE:
+            continue
+        leaves = _children(client, experiment_id, run.info.run_id) if grouped else [run]
+        swept = {k: v for k, v in trial.params.items() if k not in (SEED, OPTIMIZER)}
+        for leaf in leaves:
+            if "final_test_acc" not in leaf.data.metrics:
+                continue
+            seed = leaf.data.params.get(SEED, trial.params.get(SEED))
+            rows.append({
+                "trial": number,
+                OPTIMIZER: leaf.data.tags.get(OPTIMIZER, trial.params.get(OPTIMIZER, "?")),
+                **swept,
+                SEED: int(seed) if seed is not None else None,
+                "objective": trial.values[0],
+                "final_test_acc": leaf.data.metrics["final_test_acc"],
+            })
+    results.seed_runs = pd.DataFrame(rows)
+    return results
 
 
-def compare(by_seed: dict[str, dict[int, list[float]]], a: str, b: str) -> dict[str, float]:
-    """Paired test of optimizer ``a`` against ``b`` over the seeds both ran."""
-    missing = [o for o in (a, b) if o not in by_seed]
-    if missing:
-        raise ValueError(f"--compare: no runs for {missing}; optimizers here: {sorted(by_seed)}")
-    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
-    if not seeds:
-        raise ValueError(f"--compare: {a} and {b} share no seed")
-    return paired_test(
-        [float(np.mean(by_seed[a][s])) for s in seeds],
-        [float(np.mean(by_seed[b][s])) for s in seeds],
-    )
+# ----- the report document ---------------------------------------------------------------
+class Document:
+    """Sections written twice: plain text (terminal, summary.txt) and markdown (report.md)."""
+
+    def __init__(self, title: str) -> None:
+        self.text: list[str] = [title]
+        self.markdown: list[str] = [f"# {title}"]
+
+    def para(self, line: str) -> None:
+        self.text += ["", line]
+        self.markdown += ["", line]
+
+    def warning(self, line: str) -> None:
+        self.text += ["", line]
+        self.markdown += ["", f"> **{line}**"]
+
+    def table(self, heading: str, body: str) -> None:
+        self.text += ["", f"{heading}:", body]
+        self.markdown += ["", f"## {heading}", "", "```text", body, "```"]
+
+    def images(self, paths: Sequence[Path]) -> None:
+        self.text += ["", "plots: " + ", ".join(p.name for p in paths)]
+        self.markdown += ["", "## Plots"]
+        self.markdown += [f"\n![{p.stem}]({p.name})" for p in paths]
 
 
-# ----- the whole report ------------------------------------------------------------------
+def _seed_sections(
+    doc: Document, out: Path, seed_runs: pd.DataFrame, names: list[str], maximize: bool,
+    compare_pair: tuple[str, str] | None,
+) -> list[Path]:
+    """The seeds table and the paired test; a bad ``--compare`` fails here, before any plot."""
+    files = []
+    seeds = seed_table(seed_runs, maximize)
+    if not seeds.empty:
+        seeds.to_csv(out / "seeds.csv", index=False)
+        files.append(out / "seeds.csv")
+        doc.table(
+            f"final test accuracy per configuration over seeds (n seeds, mean, sample std; "
+            f"best mean validation {names[0]} first)",
+            format_table(seeds.rename(columns={"objective_mean": f"{names[0]}_mean"})))
+    if compare_pair is not None:
+        if seed_runs.empty:
+            raise ValueError("--compare needs final_test_acc of complete trials in MLflow; "
+                             "none found under the sweep's parent run")
+        result, chosen = compare_optimizers(seed_runs, *compare_pair, maximize)
+        a, b = compare_pair
+        doc.table(f"configurations compared (each optimizer's best mean validation {names[0]})",
+                  format_table(chosen))
+        doc.table(f"paired test {a} - {b} on final test accuracy across seeds",
+                  format_table([result]))
+    return files
+
+
+def _read_mlflow(
+    tracker: Any, parent: str | None, trials: Sequence[FrozenTrial], notes: list[str]
+) -> MlflowResults | None:
+    """The MLflow results, or None with the reason added to ``notes``."""
+    if tracker is None or not tracker.enabled or not parent:
+        notes.append("MLflow not read (no tracker or no parent run in the study): no "
+                     "validation curves, no test accuracy over seeds")
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_results(tracker.uri, parent, trials)
+    except MlflowException as exc:
+        notes.append(f"MLflow not read ({tracker.uri}, parent run {parent}): "
+                     f"{str(exc).splitlines()[0]}")
+        return None
+
+
 def write_report(
     study: optuna.Study,
     out: Path,
     *,
-    tracker=None,
+    tracker: Any = None,
     compare_pair: tuple[str, str] | None = None,
     echo: bool = False,
 ) -> list[Path]:
-    """Write the table, the plots and (with MLflow) the seed statistics; return the files."""
+    """Write tables, plots and (with an enabled ``Tracker``) the MLflow parts; return the files.
+
+    ``tracker`` is only read for its MLflow store (``tracker.uri``); the parent run comes
+    from the study's ``mlflow_parent_run_id`` user attribute. Raises ValueError for a
+    ``compare_pair`` the runs cannot answer.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = best_settings(study)
-    text = [f"study {study.study_name}: {state_counts(study)}", "", format_table(rows)]
+    trials = counted_trials(study)
+    names = objective_names(study)
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+    counts = ", ".join(f"{k} {v}" for k, v in state_counts(trials).items()) or "none"
+    excluded = len(study.trials) - len(trials)
+    doc = Document(f"study {study.study_name}: {len(trials)} trials ({counts})"
+                   + (f"; {excluded} not counted (retried, surplus or waiting)" if excluded else ""))
+    n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    if 2 <= n_complete < IMPORTANCE_MIN_TRIALS:
+        doc.warning(importance_warning(n_complete))
+    notes: list[str] = []
+
+    # Tables first (cheap, and a bad --compare fails before any plot is drawn).
+    best = best_settings(study, trials)
+    doc.table("best settings (the Pareto front of the objectives)" if len(names) > 1
+              else f"best settings ({names[0]}, best first)",
+              format_table(best, empty="(no complete trials)"))
+    everything = trials_frame(trials, names)
+    doc.table("all trials", format_table(everything, empty="(no trials)"))
     files: list[Path] = []
-    table = out / "best_settings.csv"
-    with table.open("w", newline="") as handle:
-        if rows:
-            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-            writer.writeheader()
-            writer.writerows(rows)
-    files.append(table)
-    for made in (
-        plot_history(study, out / "history.png"),
-        plot_objective_vs(study, QP, out / "objective_vs_percentile.png"),
-        plot_objective_vs(study, RHO, out / "objective_vs_rho.png"),
-        plot_rho_qp_heatmap(study, out / "rho_qp_heatmap.png"),
-        plot_importances(study, out / "importances.png"),
-        plot_pareto(study, out / "pareto.png"),
-    ):
-        if made is not None:
-            files.append(made)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    if tracker is not None and tracker.enabled and parent:
-        curves, by_seed = mlflow_results(tracker, parent)
-        made = plot_val_curves(curves, out / "val_curves.png")
-        if made is not None:
-            files.append(made)
-        seeds = seed_table(by_seed)
-        if seeds:
-            text += ["", "final test accuracy over seeds (mean +- std):", format_table(seeds)]
-        if compare_pair is not None:
-            result = compare(by_seed, *compare_pair)
-            text += ["", f"paired test {compare_pair[0]} - {compare_pair[1]} across seeds:",
-                     format_table([result])]
-    summary = out / "summary.txt"
-    summary.write_text("\n".join(text) + "\n")
-    files.append(summary)
+    for frame, name in ((best, "best_settings.csv"), (everything, "trials.csv")):
+        frame.to_csv(out / name, index=False)
+        files.append(out / name)
+    results = _read_mlflow(tracker, study.user_attrs.get(PARENT_RUN_ATTR), trials, notes)
+    if results is not None:
+        files += _seed_sections(doc, out, results.seed_runs, names, maximize, compare_pair)
+    elif compare_pair is not None:
+        raise ValueError("--compare needs the sweep's MLflow runs (final test accuracy per "
+                         "seed): pass --tracking-uri, and not --no-mlflow")
+
+    figures, plot_notes = sweep_figures(study_view(study, trials), names)
+    images = [save(fig, out / f"{stem}.png") for stem, fig in figures.items()]
+    if results is not None and results.curves:
+        title = "validation accuracy per trial" + (
+            " (mean over seeds)" if results.averaged_seeds else "")
+        images.append(save(val_curves_figure(results.curves, title), out / "val_curves.png"))
+    elif results is not None:
+        notes.append("no per-epoch val_acc in MLflow: no validation curves")
+    doc.images(images)
+    for note in [*plot_notes, *notes]:
+        doc.para(f"not drawn: {note}")
+    (out / "summary.txt").write_text("\n".join(doc.text) + "\n")
+    (out / "report.md").write_text("\n".join(doc.markdown) + "\n")
+    files += [*images, out / "summary.txt", out / "report.md"]
     if echo:
-        print("\n".join(text))
+        print("\n".join(doc.text))
     return files
+
+
+# ----- command line ----------------------------------------------------------------------
+def _tracker(uri: str | None, experiment: str) -> Any:
+    """A Tracker on the MLflow store, or None when a local SQLite store does not exist."""
+    from zsharp_sweeps.config import TrackingConfig
+    from zsharp_sweeps.tracking import Tracker, default_tracking_uri
+
+    uri = uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        print(f"note: no MLflow store at {uri}: report without MLflow parts", file=sys.stderr)
+        return None
+    return Tracker(TrackingConfig(uri=uri, experiment=experiment))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -350,36 +336,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--study", help="study name (needed when the storage holds several)")
     parser.add_argument("--out", help="output directory (default: <sweep dir>/report or ./report)")
     parser.add_argument("--compare", help="two optimizers for a paired test, e.g. zsharp,sam")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    parser.add_argument("--tracking-uri",
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
     parser.add_argument("--experiment", default="zsharp-sweeps", help="MLflow experiment")
     parser.add_argument("--no-mlflow", action="store_true", help="do not read or log to MLflow")
     args = parser.parse_args(argv)
+    pair = None
+    if args.compare:
+        pair = tuple(p.strip() for p in args.compare.split(","))
+        if len(pair) != 2 or not all(pair):
+            print(f"error: --compare={args.compare!r}: give two optimizers, e.g. zsharp,sam",
+                  file=sys.stderr)
+            return 2
     try:
         study = load_study(args.target, args.study)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    pair = None
-    if args.compare:
-        pair = tuple(args.compare.split(","))
-        if len(pair) != 2:
-            print("error: --compare takes two optimizers, e.g. zsharp,sam", file=sys.stderr)
-            return 2
     default_out = Path(args.target) / "report" if Path(args.target).is_dir() else Path("report")
     out = Path(args.out) if args.out else default_out
-    tracker = None
-    if not args.no_mlflow:
-        from zsharp_sweeps.config import TrackingConfig
-        from zsharp_sweeps.tracking import Tracker
-
-        tracker = Tracker(TrackingConfig(uri=args.tracking_uri, experiment=args.experiment))
-        tracker.run_id = study.user_attrs.get("mlflow_parent_run_id")
+    tracker = None if args.no_mlflow else _tracker(args.tracking_uri, args.experiment)
     try:
         files = write_report(study, out, tracker=tracker, compare_pair=pair, echo=True)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if tracker is not None and tracker.enabled and tracker.run_id:
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    if tracker is not None and tracker.enabled and parent:
+        tracker.run_id = parent
         for path in files:
             tracker.log_artifact(path, "report")
     print(f"\nwrote {len(files)} files to {out}")
