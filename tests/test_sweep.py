@@ -89,7 +89,7 @@ def test_tpe_sweep_records_trials_runs_and_report(tmp_path: Path) -> None:
 
     # The sweeper writes the report at the end and logs it to the parent run.
     report = tmp_path / "multirun" / STUDY / "report"
-    for name in ("history.png", "objective_vs_percentile.png", "rho_qp_heatmap.png",
+    for name in ("history.png", "slice.png", "contour.png",
                  "importances.png", "val_curves.png", "best_settings.csv", "summary.txt"):
         assert (report / name).is_file(), name
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
@@ -104,7 +104,7 @@ def test_tpe_sweep_records_trials_runs_and_report(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "optimizer.percentile" in proc.stdout
-    assert (out / "rho_qp_heatmap.png").stat().st_size > 1000
+    assert (out / "contour.png").stat().st_size > 1000
     rows = (out / "best_settings.csv").read_text().splitlines()
     assert len(rows) == 1 + 3
 
