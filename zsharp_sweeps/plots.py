@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from matplotlib.collections import LineCollection  # noqa: E402
+from matplotlib.colors import Colormap, ListedColormap  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import (  # noqa: E402
     FuncFormatter,
@@ -131,10 +133,33 @@ def contour_figure(study: optuna.Study, params: list[str], target: Target, name:
 
 
 def parallel_figure(study: optuna.Study, params: list[str], target: Target, name: str) -> Figure:
+    """Parallel coordinates, with the full parameter names and every line visible."""
     fig = _optuna_figure(optuna_plots.plot_parallel_coordinate, study, params=params,
                          target=target, target_name=name)
+    ax = fig.axes[0]
+    for lines in ax.collections:  # optuna's Blues maps the worst trial to white: invisible
+        if isinstance(lines, LineCollection):
+            lines.set_cmap(_without_white_end(lines.get_cmap()))
+    labels = [label.get_text() for label in ax.get_xticklabels()]
+    ax.set_xticks(ax.get_xticks(), [_untruncated(text, params) for text in labels],
+                  rotation=330, ha="left")
     fig.set_size_inches(max(6.0, 2.2 * (len(params) + 1)), 4.5)
     return fig
+
+
+def _without_white_end(cmap: Colormap) -> Colormap:
+    """The colormap minus its lightest quarter (at whichever end that is)."""
+    light_first = sum(cmap(0.0)[:3]) > sum(cmap(1.0)[:3])
+    stops = np.linspace(0.3, 1.0, 256) if light_first else np.linspace(0.0, 0.7, 256)
+    return ListedColormap(cmap(stops))
+
+
+def _untruncated(label: str, params: list[str]) -> str:
+    """Optuna cuts long axis names to ``optimizer.percent...``: give back the full name."""
+    if not label.endswith("..."):
+        return label
+    matches = [p for p in params if p.startswith(label[:-3])]
+    return matches[0] if len(matches) == 1 else label
 
 
 def pareto_figure(study: optuna.Study, names: list[str]) -> Figure:

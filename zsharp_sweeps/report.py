@@ -3,7 +3,7 @@
 Writes to ``--out`` (default ``<sweep dir>/report``): ``summary.txt`` and ``report.md``
 (best settings, every trial with its state, final test accuracy per configuration over
 seeds, the optional paired test ``--compare zsharp,sam``, warnings), ``best_settings.csv``,
-``trials.csv``, ``seeds.csv``, Optuna's plots (history, importances, slice, contour,
+``trials.csv``, ``seeds.csv``, ``compare_<a>_<b>.csv``, Optuna's plots (history, importances, slice, contour,
 parallel coordinates, Pareto front) and ``val_curves.png`` (validation accuracy per trial,
 read from MLflow). With an MLflow parent run the files are logged to it.
 
@@ -228,6 +228,9 @@ def _seed_sections(
                   format_table(chosen))
         doc.table(f"paired test {a} - {b} on final test accuracy across seeds",
                   format_table([result]))
+        path = out / f"compare_{a}_{b}.csv"
+        pd.DataFrame([result]).to_csv(path, index=False)
+        files.append(path)
     return files
 
 

@@ -51,7 +51,7 @@ def trials_frame(trials: Sequence[FrozenTrial], names: Sequence[str]) -> pd.Data
     rows = []
     for t in trials:
         values = t.values or [math.nan] * len(names)
-        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else math.nan
         rows.append({
             "trial": t.number, "state": t.state.name, **dict(zip(names, values)),
             "epochs": len(t.intermediate_values), "last_reported": last, **t.params,
