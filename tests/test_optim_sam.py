@@ -312,3 +312,70 @@ def test_build_optimizer_maps_the_config() -> None:
     assert (fsam.sigma, fsam.lmbda) == (0.5, 0.6)
     for name, cls in [("sam", SAM), ("sam_magnitude", SAMMagnitude), ("sam_direction", SAMDirection)]:
         assert type(build_optimizer(OptimizerConfig(name=name), model)) is cls
+
+
+def test_sam_ascent_returns_the_norm_it_divided_by() -> None:
+    params = _params([3.0, 0.0], [[0.0, 4.0]])
+    opt = SAM(params, torch.optim.SGD, rho=RHO, lr=0.1)
+    _set_grads(params, [[3.0, 0.0], [[0.0, 4.0]]])
+    e, norm = opt._ascent(opt._with_grads())
+    assert norm.item() == pytest.approx(5.0)
+    assert torch.allclose(e[0], torch.tensor([RHO * 3 / 5, 0.0]))
+    for p in params:
+        p.grad = None
+    assert opt._ascent(opt._with_grads()) == ([], None)
+
+
+def test_stored_first_norm_is_one_buffer_updated_in_place() -> None:
+    """SAM-magnitude's ||g|| crosses from the ascent to the descent in a buffer that keeps its
+    address (what a CUDA graph replays), holding this step's value."""
+    params = _params([3.0, 4.0])
+    opt = SAMMagnitude(params, torch.optim.SGD, rho=RHO, lr=0.1)
+    addresses = set()
+    for g in ([3.0, 4.0], [6.0, 8.0]):
+        _set_grads(params, [g])
+        opt.first_step()
+        addresses.add(opt._first_norm.data_ptr())
+        assert opt._first_norm.item() == pytest.approx(math.hypot(*g))
+        _set_grads(params, [[1.0, 0.0]])
+        opt.second_step()
+    assert len(addresses) == 1
+
+
+def test_optimizer_and_config_share_one_range_check() -> None:
+    from zsharp_sweeps.config import ConfigError
+
+    for bad in (70, -0.1, 1.0):
+        with pytest.raises(ValueError) as direct:
+            ZSharp(_params([[1.0]]), torch.optim.SGD, percentile=bad, lr=0.1)
+        with pytest.raises(ConfigError) as config:
+            OptimizerConfig(percentile=bad)
+        assert str(config.value) == "optimizer." + str(direct.value)
+    with pytest.raises(ValueError) as direct:
+        SAM(_params([1.0]), torch.optim.SGD, rho=float("inf"), lr=0.1)
+    with pytest.raises(ConfigError) as config:
+        OptimizerConfig(rho=float("inf"))
+    assert str(config.value) == "optimizer." + str(direct.value)
+    assert "a finite value >= 0" in str(direct.value)
+
+
+def test_zsharp_implementation_settings_reach_the_optimizer(make_cfg) -> None:
+    from zsharp_sweeps.config import ConfigError, validate
+
+    cfg = validate(make_cfg(["optimizer=zsharp", "optimizer.kernels=torch",
+                             "optimizer.threshold_method=bisect", "optimizer.stats_streams=0"]))
+    opt = build_optimizer(cfg.optimizer, nn.Linear(3, 2))
+    assert (opt.kernels, opt.threshold_method, opt.stats_streams) == ("torch", "bisect", 0)
+    default = build_optimizer(validate(make_cfg(["optimizer=zsharp"])).optimizer, nn.Linear(3, 2))
+    assert (default.kernels, default.threshold_method, default.stats_streams) == ("auto", "auto", 8)
+    for override, message in [
+        ("optimizer.kernels=cuda", "optimizer.kernels='cuda' is invalid: allowed one of auto, "
+         "torch, triton."),
+        ("optimizer.threshold_method=sort", "optimizer.threshold_method='sort' is invalid: "
+         "allowed one of auto, radix, bisect, kthvalue."),
+        ("optimizer.stats_streams=-1", "optimizer.stats_streams=-1 is invalid: allowed an "
+         "integer >= 0 (0: the current stream only)."),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            validate(make_cfg(["optimizer=zsharp", override]))
+        assert str(err.value) == message

@@ -131,3 +131,38 @@ def test_grad_clip_bounds_the_descent_gradient() -> None:
     train_step(model, opt, CE, x, y, grad_clip=1e-3)
     moved = torch.cat([(p - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)])
     assert moved.norm().item() <= 1e-3 * (1 + 1e-4)
+
+
+# optim/step.py reads GradScaler internals (``_per_optimizer_states[id(opt)]
+# ["found_inf_per_device"]``, ``_scale``) and calls ``torch._amp_foreach_non_finite_check_and_
+# unscale_`` to unscale SAM's second pass into the first pass's found-inf record. That was
+# checked against torch/amp/grad_scaler.py of 2.14 and run (the fp16 tests above) on 2.14.1
+# (CPU) and 2.11.0 (the H100 image); the names are those of torch.amp.GradScaler since 2.3.
+# The range is pyproject's pin: widen both only after re-checking.
+GRADSCALER_CHECKED = ((2, 4), (2, 15))  # lower bound included, upper excluded
+
+
+def test_torch_is_inside_the_range_where_the_gradscaler_internals_were_checked() -> None:
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    low, high = GRADSCALER_CHECKED
+    assert low <= version < high, (
+        f"torch {torch.__version__} is outside {low[0]}.{low[1]} <= torch < {high[0]}.{high[1]}, "
+        "where zsharp_sweeps/optim/step.py's use of GradScaler internals was checked. Re-check "
+        "in torch/amp/grad_scaler.py that unscale_() still records found-inf in "
+        "_per_optimizer_states[id(optimizer)]['found_inf_per_device'] (one tensor per device), "
+        "that step() skips on that record, that _scale holds the scale, and that "
+        "torch._amp_foreach_non_finite_check_and_unscale_ has the same signature; run "
+        "`pytest tests/test_optim_step.py -k fp16`; then widen GRADSCALER_CHECKED and "
+        "pyproject's torch pin together."
+    )
+
+
+def test_the_gradscaler_internals_step_py_reads_exist() -> None:
+    model, (x, y) = _net(), _batch()
+    opt = build_optimizer(OptimizerConfig(name="sgd", lr=0.01), model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(CE(model(x), y)).backward()
+    scaler.unscale_(opt)
+    record = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+    assert set(record) == {torch.device("cpu")} and record[torch.device("cpu")].item() == 0.0
+    assert torch.equal(scaler._scale, torch.tensor(8.0))

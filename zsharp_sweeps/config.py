@@ -14,6 +14,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from zsharp_sweeps.optim.checks import (
+    FILTERS,
+    KERNELS,
+    THRESHOLD_METHODS,
+    check_one_of,
+    check_percentile,
+    check_rho,
+    check_stats_streams,
+)
+
 
 class ConfigError(ValueError):
     """A config value is out of its allowed range; the message names the setting."""
@@ -98,7 +108,7 @@ OPTIMIZERS = (
     "sgd", "adamw", "adam", "sam", "asam", "fsam", "zsharp", "sam_magnitude", "sam_direction",
 )
 BASE_OPTIMIZERS = ("sgd", "adamw", "adam")
-ZSHARP_FILTERS = ("zscore", "magnitude", "random")
+ZSHARP_FILTERS = FILTERS
 
 
 @dataclass
@@ -121,6 +131,11 @@ class OptimizerConfig:
     percentile: float = 0.95
     filter: str = "zscore"
     filter_seed: int = 0
+    # ZSharp's implementation (same kept entries whichever is chosen): the order-statistic
+    # method, CUDA side streams for per-tensor statistics, Triton or plain PyTorch kernels.
+    threshold_method: str = "auto"
+    stats_streams: int = 8
+    kernels: str = "auto"
     # Friendly-SAM.
     sigma: float = 1.0
     lmbda: float = 0.9
@@ -140,17 +155,16 @@ class OptimizerConfig:
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             "optimizer.betas", list(self.betas), "two values in [0, 1)",
         )
-        _check(self.rho >= 0 and math.isfinite(self.rho), "optimizer.rho", self.rho, ">= 0")
+        # The optimizers' own checks (zsharp_sweeps/optim/checks.py), with the config's names.
+        check_rho(self.rho, "optimizer.rho", ConfigError)
         _check(self.eta >= 0, "optimizer.eta", self.eta, ">= 0")
-        _check(
-            0 <= self.percentile < 1, "optimizer.percentile", self.percentile,
-            "a fraction in [0, 1) (0.95 keeps the top 5% of entries by |z|)",
-            hint=(
-                f"Did you mean {self.percentile / 100:g}? Q_p is a fraction, not a percent."
-                if 1 <= self.percentile <= 100 else ""
-            ),
-        )
+        check_percentile(self.percentile, "optimizer.percentile", ConfigError)
         _one_of("optimizer.filter", self.filter, ZSHARP_FILTERS)
+        check_one_of(
+            self.threshold_method, THRESHOLD_METHODS, "optimizer.threshold_method", ConfigError
+        )
+        check_stats_streams(self.stats_streams, "optimizer.stats_streams", ConfigError)
+        check_one_of(self.kernels, KERNELS, "optimizer.kernels", ConfigError)
         _check(self.sigma >= 0, "optimizer.sigma", self.sigma, ">= 0")
         _check(0 <= self.lmbda < 1, "optimizer.lmbda", self.lmbda, "[0, 1)")
         _one_of("optimizer.bn_second_pass", self.bn_second_pass, ("freeze", "update"))

@@ -21,6 +21,13 @@ Design choices (and why):
   optimizer's state, FSAM's momentum, ZSharp's random-filter generator).
 * Everything runs with ``torch._foreach_*`` ops over all tensors; nothing reads a tensor value
   on the host, so a step queues on the GPU without synchronising.
+* Capture-safe state: once created (in the first step), every tensor a step reads from one
+  step to the next (the base optimizer's buffers, FSAM's momentum, the backup, the stored
+  first gradient and its norm) is updated in place (``copy_``, ``mul_``, ...), never rebound
+  to a new tensor. A CUDA graph (:mod:`zsharp_sweeps.graphs`) records the addresses it reads;
+  a rebound tensor would be invisible to its replays, which would keep reading the stale one.
+  Random draws use generators listed by :meth:`SAMBase.graph_generators`, which the graph
+  registers so that each replay advances them. ``tests/test_capture_safety.py`` pins both.
 * Parameters may be given as ``model.named_parameters()`` (pairs ``(name, tensor)``); names are
   kept in ``param_names`` for rules that need them (ASAM's "weight" rule) and stripped before
   the parameters reach ``torch.optim.Optimizer`` (so any PyTorch >= 2.4 works).
@@ -28,13 +35,14 @@ Design choices (and why):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from zsharp_sweeps.optim.checks import check_rho
 
 _FLAG = "_sam_running_stats_frozen"
 
@@ -121,9 +129,7 @@ class SAMBase(torch.optim.Optimizer):
         sam_defaults: dict[str, Any],
         base_kwargs: dict[str, Any],
     ) -> None:
-        rho = sam_defaults.get("rho", 0.0)
-        if not (rho >= 0 and math.isfinite(rho)):
-            raise ValueError(f"rho={rho!r} is invalid: allowed a finite value >= 0")
+        check_rho(sam_defaults.get("rho", 0.0))
         groups, self.param_names = split_named_params(params)
         self._ready = False
         super().__init__(groups, {**sam_defaults, **base_kwargs})
@@ -243,6 +249,11 @@ class SAMBase(torch.optim.Optimizer):
         for key, value in self.defaults.items():
             group.setdefault(key, value)
         self.base_optimizer.add_param_group(group)
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """The generators a step draws random numbers from (none here; ZSharp's random filter
+        has one). A CUDA graph must register them, or its replays would repeat the draws."""
+        return []
 
     def _extra_state(self) -> dict[str, Any]:
         """Non-tensor-keyed state to checkpoint (e.g. a generator's state)."""

@@ -82,6 +82,9 @@ def build_optimizer(
             percentile=cfg.percentile,
             filter=cfg.filter,
             filter_seed=cfg.filter_seed,
+            threshold_method=cfg.threshold_method,
+            stats_streams=cfg.stats_streams,
+            kernels=cfg.kernels,
             **base_kwargs,
         )
     if cfg.name == "sam_magnitude":

@@ -10,6 +10,11 @@ it subtracts from ``p.grad`` in place (we leave ``.grad`` alone); it updates ``m
 ``first_step`` (we compute the new ``m`` there and store it when the step is actually taken,
 so a step that GradScaler skips on inf/NaN does not poison ``m`` for the rest of training);
 it iterates parameters without a gradient and crashes on them (we skip them).
+
+``m`` is created once (a copy of the first ``g``) and from then on overwritten in place:
+a CUDA graph that captured the step keeps reading the tensor it saw at capture, so storing a
+new tensor instead (``state[p]["momentum"] = new_m``) would let every replay restart from the
+captured step's ``m`` (measured: 6.3e-3 off eager after 30 steps of a 3-layer MLP).
 """
 
 from __future__ import annotations
@@ -54,14 +59,18 @@ class FriendlySAM(SAMBase):
         )
         self.sigma = sigma
         self.lmbda = lmbda
-        self._pending: list[tuple[Tensor, Tensor]] = []
+        # What _commit stores: (param, new momentum tensor) on a parameter's first step, and
+        # (params, values) to copy into the existing momentum tensors on later steps.
+        self._pending_new: list[tuple[Tensor, Tensor]] = []
+        self._pending_update: tuple[list[Tensor], list[Tensor]] = ([], [])
 
     def _perturbation(self, groups: Groups) -> list[Tensor]:
         params = [p for _, ps in groups for p in ps]
         fresh = [p for p in params if "momentum" not in self.state[p]]
         seen = [p for p in params if "momentum" in self.state[p]]
         d: dict[Tensor, Tensor] = {p: p.grad for p in fresh}
-        pending = [(p, p.grad.clone()) for p in fresh]
+        self._pending_new = [(p, p.grad.clone()) for p in fresh]
+        self._pending_update = ([], [])
         if seen:
             grads = [p.grad for p in seen]
             ms = [self.state[p]["momentum"] for p in seen]
@@ -70,8 +79,7 @@ class FriendlySAM(SAMBase):
             new_m = torch._foreach_add(
                 torch._foreach_mul(ms, self.lmbda), torch._foreach_mul(grads, 1 - self.lmbda)
             )
-            pending += list(zip(seen, new_m, strict=True))
-        self._pending = pending
+            self._pending_update = (seen, list(new_m))
         if not params:
             return []
         scaled: list[Tensor] = []
@@ -90,6 +98,9 @@ class FriendlySAM(SAMBase):
         return out
 
     def _commit(self) -> None:
-        for p, m in self._pending:
+        for p, m in self._pending_new:
             self.state[p]["momentum"] = m
-        self._pending = []
+        params, new_ms = self._pending_update
+        if params:  # in place: the tensors a CUDA graph captured
+            torch._foreach_copy_([self.state[p]["momentum"] for p in params], new_ms)
+        self._pending_new, self._pending_update = [], ([], [])

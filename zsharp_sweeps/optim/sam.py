@@ -47,15 +47,19 @@ class SAM(SAMBase):
         )
 
     def _perturbation(self, groups: Groups) -> list[Tensor]:
+        return self._ascent(groups)[0]
+
+    def _ascent(self, groups: Groups) -> tuple[list[Tensor], Tensor | None]:
+        """``e`` for every parameter with a gradient, and the norm it was divided by
+        (``||g||``, or ``||w * g||`` when adaptive; None without gradients)."""
         # davda54: scale = rho / (||(|w| if adaptive) * g|| + 1e-12); e = (w^2 if adaptive) * g * scale
         scaled: list[Tensor] = []
         for group, ps in groups:
             grads = [p.grad for p in ps]
             scaled += torch._foreach_mul(grads, torch._foreach_abs(ps)) if group["adaptive"] else grads
         if not scaled:
-            return []
+            return [], None
         norm = global_norm(scaled)
-        self._grad_norm = norm
         out: list[Tensor] = []
         for group, ps in groups:
             if not ps:
@@ -65,7 +69,7 @@ class SAM(SAMBase):
             if group["adaptive"]:
                 e = torch._foreach_mul(e, torch._foreach_mul(ps, ps))
             out += e
-        return out
+        return out, norm
 
 
 class ASAM(SAMBase):
@@ -127,7 +131,11 @@ class ASAM(SAMBase):
 
 
 class _StoredFirstGradient(SAM):
-    """SAM's ascent, remembering ``g`` and ``||g||`` for a rescaled descent step."""
+    """SAM's ascent, remembering ``g`` and ``||g||`` for a rescaled descent step.
+
+    Both live in buffers created once and overwritten in place every step (``copy_``), so a
+    CUDA graph that captured the step reads this step's values when it replays.
+    """
 
     def __init__(
         self,
@@ -138,19 +146,28 @@ class _StoredFirstGradient(SAM):
     ) -> None:
         super().__init__(params, base_optimizer, rho=rho, adaptive=False, **base_kwargs)
         self._first_grads: dict[Tensor, Tensor] = {}
+        self._first_norm: Tensor | None = None
 
     def _perturbation(self, groups: Groups) -> list[Tensor]:
-        e = super()._perturbation(groups)  # sets self._grad_norm = ||g||
+        e, norm = self._ascent(groups)
         params = [p for _, ps in groups for p in ps]
-        if params:
-            bufs = []
-            for p in params:
-                buf = self._first_grads.get(p)
-                if buf is None or buf.shape != p.grad.shape or buf.dtype != p.grad.dtype:
-                    buf = torch.empty_like(p.grad)
-                    self._first_grads[p] = buf
-                bufs.append(buf)
-            torch._foreach_copy_(bufs, [p.grad for p in params])
+        if norm is None:
+            return e
+        bufs = []
+        for p in params:
+            buf = self._first_grads.get(p)
+            if buf is None or buf.shape != p.grad.shape or buf.dtype != p.grad.dtype:
+                buf = torch.empty_like(p.grad)
+                self._first_grads[p] = buf
+            bufs.append(buf)
+        torch._foreach_copy_(bufs, [p.grad for p in params])
+        if (
+            self._first_norm is None
+            or self._first_norm.device != norm.device
+            or self._first_norm.dtype != norm.dtype
+        ):
+            self._first_norm = torch.empty_like(norm)
+        self._first_norm.copy_(norm)
         return e
 
     def _second_grads(self) -> tuple[list[Tensor], Tensor | None]:
@@ -166,7 +183,7 @@ class SAMMagnitude(_StoredFirstGradient):
         with_grad, norm2 = self._second_grads()
         if norm2 is None:
             return
-        ratio = norm2 / (self._grad_norm + 1e-12)
+        ratio = norm2 / (self._first_norm + 1e-12)
         for p in self._perturbed:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -184,4 +201,4 @@ class SAMDirection(_StoredFirstGradient):
         with_grad, norm2 = self._second_grads()
         if norm2 is None:
             return
-        torch._foreach_mul_([p.grad for p in with_grad], self._grad_norm / (norm2 + 1e-12))
+        torch._foreach_mul_([p.grad for p in with_grad], self._first_norm / (norm2 + 1e-12))

@@ -26,7 +26,8 @@ bit the official one.
 
 Controls (``filter``): ``"magnitude"`` keeps, in each tensor, as many entries as the z-score
 rule keeps, chosen by the largest ``|g|``; ``"random"`` keeps the same number uniformly at
-random from a generator seeded with ``filter_seed`` (its state is checkpointed). Ties at the
+random from a generator seeded with ``filter_seed`` (its state is checkpointed; a CUDA graph
+registers it through :meth:`ZSharp.graph_generators`, so replays advance it like eager steps). Ties at the
 boundary are broken by position, so the per-tensor counts are exactly equal.
 """
 
@@ -40,6 +41,14 @@ from torch import Tensor
 
 from zsharp_sweeps.optim import fused
 from zsharp_sweeps.optim.base import SAMBase, global_norm
+from zsharp_sweeps.optim.checks import (
+    FILTERS,
+    KERNELS,
+    THRESHOLD_METHODS,
+    check_one_of,
+    check_percentile,
+    check_stats_streams,
+)
 from zsharp_sweeps.optim.threshold import (
     CHUNK,
     SegmentLayout,
@@ -51,22 +60,6 @@ from zsharp_sweeps.optim.threshold import (
 )
 
 Groups = list[tuple[dict[str, Any], list[Tensor]]]
-FILTERS = ("zscore", "magnitude", "random")
-KERNELS = ("auto", "torch", "triton")
-
-
-def check_percentile(percentile: float) -> None:
-    """Q_p must be a fraction in [0, 1); a value like 70 almost surely meant 0.70."""
-    if not 0 <= percentile < 1:
-        hint = (
-            f" Did you mean {percentile / 100:g}? Q_p is a fraction, not a percent."
-            if 1 <= percentile <= 100
-            else ""
-        )
-        raise ValueError(
-            f"percentile={percentile!r} is invalid: allowed a fraction in [0, 1) "
-            f"(0.95 keeps the top 5% of entries by |z|).{hint}"
-        )
 
 
 class ZSharp(SAMBase):
@@ -96,9 +89,10 @@ class ZSharp(SAMBase):
         **base_kwargs: Any,
     ) -> None:
         check_percentile(percentile)
-        if filter not in FILTERS:
-            raise ValueError(f"filter={filter!r} is invalid: allowed one of {', '.join(FILTERS)}")
-        resolve_method(threshold_method, torch.device("cpu"))  # validates the name
+        check_one_of(filter, FILTERS, "filter")
+        check_one_of(threshold_method, THRESHOLD_METHODS, "threshold_method")
+        check_stats_streams(stats_streams)
+        check_one_of(kernels, KERNELS, "kernels")
         super().__init__(
             params,
             base_optimizer,
@@ -108,11 +102,7 @@ class ZSharp(SAMBase):
         self.filter = filter
         self.filter_seed = filter_seed
         self.threshold_method = threshold_method
-        if stats_streams < 0:
-            raise ValueError(f"stats_streams={stats_streams!r} is invalid: allowed an integer >= 0")
         self.stats_streams = stats_streams
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels={kernels!r} is invalid: allowed one of {', '.join(KERNELS)}")
         self.kernels = kernels
         self._streams: dict[torch.device, list[torch.cuda.Stream]] = {}
         self._layouts: dict[tuple[Any, ...], SegmentLayout] = {}
@@ -246,6 +236,11 @@ class ZSharp(SAMBase):
             dtype=layout.dtype,
             device=layout.device,
         )
+
+    def graph_generators(self) -> list[torch.Generator]:
+        """The random filter's generator (once its first step created it): a CUDA graph
+        registers it so that every replay draws new keys, as eager steps do."""
+        return [self._generator] if self._generator is not None else []
 
     # --- checkpoint -----------------------------------------------------------------------
     def _extra_state(self) -> dict[str, Any]:
