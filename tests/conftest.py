@@ -18,6 +18,9 @@ from omegaconf import DictConfig
 
 from zsharp_sweeps.config import register_configs
 
+# Throwaway PostgreSQL cluster and MLflow server for the multi-host tests (tests/servers.py).
+from .servers import mlflow_server, postgres, postgres_url  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
