@@ -8,6 +8,7 @@ two trials the sweeper flagged as not counting whose poisoned numbers must not s
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -305,3 +306,18 @@ def test_format_table_uses_pandas_layout() -> None:
     assert text.splitlines() == ["optimizer    acc  std", "   zsharp 0.8123    -"]
     assert format_table([], empty="(no rows)") == "(no rows)"
     assert seed_table(pd.DataFrame()).empty
+
+
+def test_optuna_plots_leave_no_experimental_warning_and_no_style_behind() -> None:
+    study = optuna.create_study(direction="maximize")
+    for rho, qp, value in ((0.05, 0.9, 0.7), (0.2, 0.6, 0.5), (0.1, 0.8, 0.6)):
+        _add_trial(study, {RHO: rho, QP: qp}, value, TrialState.COMPLETE, {})
+    facecolor = plt.rcParams["axes.facecolor"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figures, _ = sweep_figures(study, ["objective"])
+    for fig in figures.values():
+        plt.close(fig)
+    assert set(figures) == {"history", "slice", "importances", "contour", "parallel_coordinate"}
+    assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
+    assert plt.rcParams["axes.facecolor"] == facecolor  # optuna's plt.style.use("ggplot") undone

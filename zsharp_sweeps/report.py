@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -47,6 +47,9 @@ from zsharp_sweeps.tables import (
     state_counts,
     trials_frame,
 )
+
+if TYPE_CHECKING:
+    from zsharp_sweeps.tracking import Tracker
 
 __all__ = ["compare", "load_study", "main", "paired_test", "write_report"]
 
@@ -235,7 +238,7 @@ def _seed_sections(
 
 
 def _read_mlflow(
-    tracker: Any, parent: str | None, trials: Sequence[FrozenTrial], notes: list[str]
+    tracker: Tracker | None, parent: str | None, trials: Sequence[FrozenTrial], notes: list[str]
 ) -> MlflowResults | None:
     """The MLflow results, or None with the reason added to ``notes``."""
     if tracker is None or not tracker.enabled or not parent:
@@ -256,7 +259,7 @@ def write_report(
     study: optuna.Study,
     out: Path,
     *,
-    tracker: Any = None,
+    tracker: Tracker | None = None,
     compare_pair: tuple[str, str] | None = None,
     echo: bool = False,
 ) -> list[Path]:
@@ -318,7 +321,7 @@ def write_report(
 
 
 # ----- command line ----------------------------------------------------------------------
-def _tracker(uri: str | None, experiment: str) -> Any:
+def _tracker(uri: str | None, experiment: str) -> Tracker | None:
     """A Tracker on the MLflow store, or None when a local SQLite store does not exist."""
     from zsharp_sweeps.config import TrackingConfig
     from zsharp_sweeps.tracking import Tracker, default_tracking_uri

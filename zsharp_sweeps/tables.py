@@ -81,11 +81,10 @@ def _pareto_front(
     signs = np.array([-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0
                       for d in directions])
     costs = np.array([t.values for t in trials], dtype=float).reshape(len(trials), -1) * signs
-    front = [
-        t for i, t in enumerate(trials)
-        if not any(np.all(costs[j] <= costs[i]) and np.any(costs[j] < costs[i])
-                   for j in range(len(trials)))
-    ]
+    # dominated[j, i]: trial j is no worse than trial i everywhere and better somewhere.
+    dominated = (np.all(costs[:, None] <= costs[None], axis=2)
+                 & np.any(costs[:, None] < costs[None], axis=2))
+    front = [t for t, beaten in zip(trials, dominated.any(axis=0)) if not beaten]
     return sorted(front, key=lambda t: t.values[0] * signs[0])
 
 
