@@ -23,7 +23,7 @@ from optuna.trial import TrialState, create_trial
 from zsharp_sweeps.config import TrackingConfig
 from zsharp_sweeps.plots import IMPORTANCE_MIN_TRIALS, TrialCurve, val_curves_figure
 from zsharp_sweeps.report import counted_trials, main, study_view, sweep_figures, write_report
-from zsharp_sweeps.tables import format_table, seed_table
+from zsharp_sweeps.tables import compare, format_table, paired_test, seed_table
 from zsharp_sweeps.tracking import Tracker
 
 RHO, QP, LR = "optimizer.rho", "optimizer.percentile", "optimizer.lr"
@@ -321,3 +321,12 @@ def test_optuna_plots_leave_no_experimental_warning_and_no_style_behind() -> Non
     assert set(figures) == {"history", "slice", "importances", "contour", "parallel_coordinate"}
     assert not [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)]
     assert plt.rcParams["axes.facecolor"] == facecolor  # optuna's plt.style.use("ggplot") undone
+
+
+def test_paired_test_uses_only_the_seeds_both_ran() -> None:
+    result = paired_test([0.90, 0.92, 0.91], [0.88, 0.91, 0.89])
+    assert result["n"] == 3 and result["mean_diff"] == pytest.approx(0.05 / 3)
+    assert result["t_stat"] == pytest.approx(5.0) and 0.03 < result["p_value"] < 0.04
+    by_seed = {"zsharp": {0: [0.9], 1: [0.92], 2: [0.91]}, "sam": {0: [0.88], 1: [0.91], 3: [0.5]}}
+    assert compare(by_seed, "zsharp", "sam")["n"] == 2  # seeds 0 and 1
+    assert math.isnan(paired_test([0.9, 0.8], [0.8, 0.7])["t_stat"])  # constant difference
