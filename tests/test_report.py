@@ -329,4 +329,4 @@ def test_paired_test_uses_only_the_seeds_both_ran() -> None:
     assert result["t_stat"] == pytest.approx(5.0) and 0.03 < result["p_value"] < 0.04
     by_seed = {"zsharp": {0: [0.9], 1: [0.92], 2: [0.91]}, "sam": {0: [0.88], 1: [0.91], 3: [0.5]}}
     assert compare(by_seed, "zsharp", "sam")["n"] == 2  # seeds 0 and 1
-    assert math.isnan(paired_test([0.9, 0.8], [0.8, 0.7])["t_stat"])  # constant difference
+    assert math.isnan(paired_test([0.5, 0.75], [0.25, 0.5])["t_stat"])  # constant difference
