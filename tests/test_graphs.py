@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
@@ -24,17 +24,28 @@ from zsharp_sweeps.graphs import (
     CudaGraphStep,
     check_capturable,
     graph_constants,
+    state_tensors,
 )
 from zsharp_sweeps.optim import SAM, FriendlySAM, train_step
 from zsharp_sweeps.train import run_training
 
 
 class RecordingGraphStep(CudaGraphStep):
-    """CudaGraphStep with its CUDA operations replaced by eager steps that are logged."""
+    """CudaGraphStep with its CUDA operations replaced by logged eager work.
 
-    def __init__(self, *args: Any, fail_capture: bool = False, **kwargs: Any) -> None:
+    Like a real capture, ``_record`` runs the step's Python (its side effects on optimizer
+    attributes and state dicts happen) but leaves every tensor value as it was (kernels are
+    only recorded); ``_replay`` then takes the step. ``buffers``: other tensors the step
+    writes (BatchNorm statistics) that a capture must leave alone too.
+    """
+
+    def __init__(
+        self, *args: Any, fail_capture: bool = False, buffers: Iterable[torch.Tensor] = (),
+        **kwargs: Any,
+    ) -> None:
         self.events: list[str] = []
         self.fail_capture = fail_capture
+        self.buffers = list(buffers)
         super().__init__(*args, **kwargs)
 
     def _require_cuda(self) -> None:
@@ -46,7 +57,15 @@ class RecordingGraphStep(CudaGraphStep):
 
     def _record(self, inputs: torch.Tensor, targets: torch.Tensor):
         self.events.append("capture")
-        outputs = self.step(inputs, targets)  # what capture records (and, here, runs)
+        tensors = [*state_tensors(self.optimizer).values(), *self.buffers]
+        saved = [(t, t.detach().clone()) for t in tensors]
+        generators = [(g, g.get_state()) for g in getattr(self.optimizer, "graph_generators", list)()]
+        outputs = self.step(inputs, targets)
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        for g, state in generators:
+            g.set_state(state)
         if self.fail_capture:
             raise RuntimeError("operation not permitted when stream is capturing")
         return object(), outputs
@@ -76,13 +95,15 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_warmup_then_one_capture_then_replays() -> None:
-    _, optimizer, step = _setup()
+    model, optimizer, step = _setup()
     runner = RecordingGraphStep(step, optimizer, warmup=2)
+    twin, twin_optimizer, twin_step = _setup()  # the same steps, eagerly
     for i in range(5):
         loss, logits = runner(*_batch(i))
-        assert logits.shape == (6, 3) and torch.isfinite(loss)
+        assert logits.shape == (6, 3) and torch.equal(loss, twin_step(*_batch(i))[0])
     assert runner.events == ["warmup", "warmup", "capture", "replay", "replay", "replay"]
     assert (runner.captures, runner.disabled) == (1, False)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
