@@ -14,9 +14,8 @@ import argparse
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.build import build_parts, build_step
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
@@ -26,9 +25,7 @@ from zsharp_sweeps.config import (
     TrainConfig,
     TrainerConfig,
 )
-from zsharp_sweeps.engine import AMP_DTYPES, fit
-from zsharp_sweeps.graphs import CudaGraphStep
-from zsharp_sweeps.optim import train_step
+from zsharp_sweeps.engine import fit
 from zsharp_sweeps.tables import format_table
 
 
@@ -38,22 +35,14 @@ def _parts(cfg: TrainConfig, device: torch.device):
 
 
 def first_losses(cfg: TrainConfig, device: torch.device, n: int = 5) -> list[float]:
+    """The loss of the first ``n`` steps, through the trainer's own step (``build_step``)."""
     data, model, optimizer = _parts(cfg, device)
-    step_model = torch.compile(model) if cfg.hardware.compile else model
-    amp = AMP_DTYPES[cfg.hardware.precision]
-
-    def step(x, y):
-        return train_step(step_model, optimizer, lambda o, t: F.cross_entropy(o.float(), t),
-                          x, y, amp_dtype=amp)
-
-    runner = CudaGraphStep(step, optimizer, warmup=2) if cfg.hardware.cuda_graph else step
+    step = build_step(cfg, model, optimizer, graph_warmup=2)  # capture within the n steps
     losses = []
     for i, (x, y) in enumerate(data.train):
         if i == n:
             break
-        if cfg.hardware.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        losses.append(float(runner(x, y)[0]))
+        losses.append(float(step(x, y)[0]))
     return losses
 
 

@@ -24,7 +24,13 @@ from .servers import mlflow_server, postgres, postgres_url  # noqa: F401
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per test process, and for the processes tests start (they inherit the
+# environment). On 2 cores, two intra-op threads per process oversubscribe the CPU as soon as
+# anything else runs (pytest-xdist's other worker, a CLI subprocess under test), and
+# OpenMP's spin-waiting then makes small-tensor steps 10-50x slower: a ResNet-20 SAM step on
+# 16 digits took 20 ms with 1 thread and 0.3-1 s with 2 on a loaded 2-core machine.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 register_configs()
 
 # Small but honest settings for runs in tests: digits, a tiny model, few steps.
@@ -63,3 +69,12 @@ def make_cfg(mlflow_uri: str, experiment_name: str) -> Callable[..., DictConfig]
 
 # GPU-only tests: collected where CUDA exists, absent (not skipped) elsewhere.
 collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
+
+GPU_DIR = Path(__file__).resolve().parent / "gpu"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/gpu/ carries the ``gpu`` marker (``-m "not gpu"`` on a GPU host)."""
+    for item in items:
+        if GPU_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.gpu)

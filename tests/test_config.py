@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from zsharp_sweeps.config import ConfigError, validate
 
@@ -23,10 +28,15 @@ def test_every_group_option_composes_and_validates(group: str, option: str) -> N
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name="config", overrides=[f"{group}={option}"])
     train_cfg = validate(cfg)
-    section = getattr(train_cfg, group)
+    section = dataclasses.asdict(getattr(train_cfg, group))
     if group in ("data", "model", "optimizer"):  # the option file names its own choice
-        assert section.name == option
-    assert cfg[group] is not None
+        assert section["name"] == option
+    # Every value the option file sets reaches the validated config unchanged.
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{option}.yaml"))
+    own.pop("defaults", None)
+    assert own, f"conf/{group}/{option}.yaml sets nothing"
+    for key, value in own.items():
+        assert section[key] == value, f"{group}.{key}"
 
 
 def test_every_group_has_options() -> None:
@@ -78,10 +88,13 @@ def test_percentile_given_as_percent_suggests_the_fraction() -> None:
         validate(cfg)
 
 
-def test_wrong_type_is_a_config_error() -> None:
+def test_wrong_type_fails_composition_naming_the_setting() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        with pytest.raises(Exception, match="optimizer.rho|rho"):
+        with pytest.raises(ConfigCompositionException, match="optimizer.rho=abc") as info:
             compose(config_name="config", overrides=["optimizer.rho=abc"])
+    cause = info.value.__cause__
+    assert isinstance(cause, ValidationError)
+    assert cause.full_key == "optimizer.rho"
 
 
 @pytest.mark.parametrize("sweep", _options("sweep"))

@@ -109,7 +109,8 @@ def test_steady_state_step_never_reads_tensors_on_the_host(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A proxy for "no host synchronisation": after the first step (which builds cached
-    layouts), a full SAM-family step must not call item/tolist/bool/nonzero on a tensor."""
+    layouts), a full SAM-family step must not read a tensor's value on the host (item, tolist,
+    bool, float, int, nonzero, or a copy to the CPU)."""
     model, (x, y) = _net(), _batch()
     opt = build_optimizer(OptimizerConfig(name=name, lr=0.01), model)
     if hasattr(opt, "threshold_method"):
@@ -119,7 +120,7 @@ def test_steady_state_step_never_reads_tensors_on_the_host(
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("host read of a tensor value inside the step")
 
-    for attr in ("item", "tolist", "__bool__", "nonzero"):
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "cpu"):
         monkeypatch.setattr(torch.Tensor, attr, forbidden)
     train_step(model, opt, CE, x, y)
 

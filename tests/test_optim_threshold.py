@@ -1,9 +1,9 @@
-"""ZSharp's exact fast threshold, pinned bit for bit to the slow reference straight from SPEC.md."""
+"""ZSharp's exact fast threshold, pinned bit for bit to the slow reference (the official code's
+rule, docs/algorithms.md "ZSharp")."""
 
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ from zsharp_sweeps.optim.threshold import (
 
 
 def reference_mask(g: torch.Tensor, q: float) -> torch.Tensor:
-    """SPEC.md / the official code, verbatim: z-score, torch.quantile, strict >."""
+    """The official code, verbatim: z-score, torch.quantile, strict > (docs/algorithms.md)."""
     z = (g - g.mean()) / (g.std() + 1e-12)
     return z.abs() > torch.quantile(z.abs(), q)
 
@@ -117,21 +117,22 @@ def test_keep_top_count_is_exact_with_ties(method: str) -> None:
     assert views[2].nonzero().flatten().tolist() == list(range(13, 20))
 
 
-def test_linear_4096x4200_is_exact_and_fast() -> None:
-    """17.2M entries (over torch.quantile's old 2^24 limit) on CPU in a few seconds.
+def test_linear_4096x4200_is_exact_for_every_method() -> None:
+    """17.2M entries (over torch.quantile's old 2^24 limit): quickselect and radix select.
 
-    This seed is also a case where SPEC.md's shortcut {|z| > a_j} is off by one: a_j and
-    a_{j+1} are one ulp apart and the lerp weight is 0.845, so torch.quantile's tau rounds up
-    to a_{j+1} (which is tied with a_{j+2}); the shortcut would keep 2 more entries.
+    This seed is also a case where the shortcut {|z| > a_j} of docs/algorithms.md is off by
+    one: a_j and a_{j+1} are one ulp apart and the lerp weight is 0.845, so torch.quantile's
+    tau rounds up to a_{j+1} (which is tied with a_{j+2}); the shortcut would keep 2 more
+    entries. The one test of this size; what it costs is a benchmark number
+    (``python -m zsharp_sweeps.bench --threshold``), not an assertion.
     """
     g = torch.randn(4096, 4200, generator=torch.Generator().manual_seed(2))
-    start = time.perf_counter()
-    (mask,) = zscore_masks([g], 0.95)
-    elapsed = time.perf_counter() - start
     z = ((g - g.mean()) / (g.std() + 1e-12)).abs()
-    assert torch.equal(mask, z > torch.quantile(z.reshape(-1), 0.95))
-    assert int(mask.sum()) == 860159  # n - 1 - j = 860160 without the rounding above
-    assert elapsed < 15.0
+    want = z > torch.quantile(z.reshape(-1), 0.95)
+    assert int(want.sum()) == 860159  # n - 1 - j = 860160 without the rounding above
+    for method in ("kthvalue", "radix"):
+        (mask,) = zscore_masks([g], 0.95, method=method)
+        assert torch.equal(mask, want), method
 
 
 # --- the radix select (what accelerators use) --------------------------------------------
@@ -266,13 +267,6 @@ def test_zsharp_first_step_identical_across_methods(filter_: str) -> None:
         results.append([p.detach().clone() for p in params])
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
-
-
-def test_radix_linear_4096x4200_boundary_case() -> None:
-    """The 17.2M-entry case where quantile's lerp rounds up to a_{j+1} (see above), radix."""
-    g = torch.randn(4096, 4200, generator=torch.Generator().manual_seed(2))
-    (mask,) = zscore_masks([g], 0.95, method="radix")
-    assert int(mask.sum()) == 860159
 
 
 def radix_steps_match_cpu(device: torch.device) -> None:

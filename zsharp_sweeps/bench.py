@@ -9,7 +9,12 @@ pays. Prints a table and writes JSON. Modes:
 - ``--concurrent 1,2,4,8``: k copies of the benchmark as separate processes on one device
   at the same time (the "several trials per GPU" question): aggregate images/s against k=1;
 - ``--loader``: images/s the device loader produces, next to torch's DataLoader with workers;
-- ``--sharpness``: what each sharpness metric costs at its default settings.
+- ``--sharpness``: what each sharpness metric costs at its default settings;
+- ``--threshold``: what ZSharp's exact threshold costs on one 4096x4200 gradient (17.2M
+  entries, past ``torch.quantile``'s 2^24 limit), per method.
+
+The step is built by :func:`zsharp_sweeps.build.build_step`, like the trainer's:
+``--label-smoothing``, ``--grad-clip`` and ``--bn-second-pass`` are the trainer's settings.
 
 Example (H100): ``python -m zsharp_sweeps.bench --device cuda --model resnet56
 --optimizers sgd,sam,zsharp --batch-size 128 --steps 100 --precision bf16 --channels-last``
@@ -31,17 +36,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.build import TrainingStep, build_parts, build_step
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
     ModelConfig,
     OptimizerConfig,
     TrainConfig,
+    TrainerConfig,
 )
-from zsharp_sweeps.engine import AMP_DTYPES
 from zsharp_sweeps.graphs import CudaGraphStep
-from zsharp_sweeps.optim import train_step
 from zsharp_sweeps.tables import format_table
 
 
@@ -60,6 +64,11 @@ class BenchSettings:
     data: str = "cifar10"
     image_size: int | None = None
     seed: int = 0
+    # The trainer's step settings (trainer.label_smoothing, trainer.grad_clip,
+    # optimizer.bn_second_pass): they change what a step computes, so they are benchmarked.
+    label_smoothing: float = 0.0
+    grad_clip: float | None = None
+    bn_second_pass: str = "freeze"
 
 
 def _sync(device: torch.device) -> None:
@@ -67,59 +76,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _setup(s: BenchSettings, optimizer_name: str):
-    """The trainer's parts (``build_parts``) on CIFAR-shaped synthetic data."""
-    device = torch.device(s.device)
-    torch.manual_seed(s.seed)
+def bench_config(s: BenchSettings, optimizer_name: str) -> TrainConfig:
+    """The trainer's config for these settings, on CIFAR-shaped synthetic data."""
     size = s.batch_size * max(s.steps + s.warmup, 8)
-    cfg = TrainConfig(
+    return TrainConfig(
         data=DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
                         val_size=64, batch_size=s.batch_size, image_size=s.image_size),
         model=ModelConfig(name=s.model),
-        optimizer=OptimizerConfig(name=optimizer_name, lr=0.01),
+        optimizer=OptimizerConfig(name=optimizer_name, lr=0.01, bn_second_pass=s.bn_second_pass),
         hardware=HardwareConfig(device=s.device, precision=s.precision,
-                                channels_last=s.channels_last, cuda_graph=s.cuda_graph),
+                                channels_last=s.channels_last, compile=s.compile,
+                                cuda_graph=s.cuda_graph),
+        trainer=TrainerConfig(label_smoothing=s.label_smoothing, grad_clip=s.grad_clip),
         seed=s.seed,
     )
-    data, model, optimizer = build_parts(cfg, device)
-    step_model = torch.compile(model) if s.compile else model
-    return device, data, model, step_model, optimizer
+
+
+def _setup(s: BenchSettings, optimizer_name: str):
+    """The trainer's parts (``build_parts``) for :func:`bench_config`."""
+    torch.manual_seed(s.seed)
+    cfg = bench_config(s, optimizer_name)
+    data, model, optimizer = build_parts(cfg, torch.device(s.device))
+    return cfg, data, model, optimizer
 
 
 def _make_runner(s: BenchSettings, optimizer_name: str):
-    """The trainer's step for these settings, and an endless stream of device batches."""
-    device, data, model, step_model, optimizer = _setup(s, optimizer_name)
-    amp_dtype = AMP_DTYPES[s.precision]
-    scaler = torch.amp.GradScaler(device.type) if s.precision == "fp16" else None
-
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets)
-
-    def step(inputs: torch.Tensor, targets: torch.Tensor):
-        return train_step(step_model, optimizer, loss_fn, inputs, targets,
-                          amp_dtype=amp_dtype, scaler=scaler)
-
-    runner = CudaGraphStep(step, optimizer) if s.cuda_graph else step
+    """The trainer's step (``build_step``) for these settings, and a function running n steps
+    on an endless stream of device batches."""
+    cfg, data, model, optimizer = _setup(s, optimizer_name)
+    step: TrainingStep = build_step(cfg, model, optimizer)
 
     def batches():
         while True:
-            for inputs, targets in data.train:
-                if s.channels_last:
-                    inputs = inputs.contiguous(memory_format=torch.channels_last)
-                yield inputs, targets
+            yield from data.train
 
     stream = batches()
 
     def run(n: int) -> None:
         for _ in range(n):
-            runner(*next(stream))
+            step(*next(stream))
 
-    return device, model, runner, run
+    return torch.device(s.device), model, step, run
 
 
 def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
     """Wall time of ``steps`` full training steps after ``warmup`` untimed ones."""
-    device, model, runner, run = _make_runner(s, optimizer_name)
+    device, model, step, run = _make_runner(s, optimizer_name)
     run(max(s.warmup, 5 if s.cuda_graph else 0))
     _sync(device)
     if device.type == "cuda":
@@ -137,8 +139,9 @@ def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
         if device.type == "cuda" else math.nan,
         "num_params": sum(p.numel() for p in model.parameters()),
     }
-    if isinstance(runner, CudaGraphStep):
-        row["graph"] = "eager-fallback" if runner.disabled else f"{runner.captures} capture(s)"
+    if isinstance(step.run, CudaGraphStep):
+        graph = step.run
+        row["graph"] = "eager-fallback" if graph.disabled else f"{graph.captures} capture(s)"
     return row
 
 
@@ -294,7 +297,8 @@ def run_sharpness(
     from zsharp_sweeps.config import SharpnessConfig
     from zsharp_sweeps.metrics.sharpness import hessian_top_eigenvalue, hessian_trace, sam_sharpness
 
-    device, data, model, _, _ = _setup(s, "sgd")
+    _, data, model, _ = _setup(s, "sgd")
+    device = torch.device(s.device)
     cfg = SharpnessConfig()
     if eig_iters is not None:
         cfg = replace(cfg, eig_iters=eig_iters, eig_tol=0.0)
@@ -321,6 +325,39 @@ def run_sharpness(
         rows.append({"metric": name, "seconds": time.perf_counter() - start, "value": value,
                      "batches": f"{cfg.num_batches}x{cfg.batch_size}",
                      "eig_iters": cfg.eig_iters, "trace_samples": cfg.trace_samples})
+    return rows
+
+
+# ----- ZSharp's threshold ----------------------------------------------------------------
+def run_threshold(
+    s: BenchSettings, shape: tuple[int, int] = (4096, 4200), q: float = 0.95,
+    methods: Sequence[str] = ("auto", "kthvalue", "radix"),
+) -> list[dict[str, Any]]:
+    """Seconds to find ZSharp's kept set in one ``shape`` gradient, per threshold method.
+
+    The default is a 4096x4200 linear layer: 17.2M entries, past ``torch.quantile``'s 2^24
+    limit (tests/test_optim_threshold.py pins that the result is exact; this is its cost).
+    One untimed call per method first (kernel loading, allocator); then ``s.steps`` timed
+    calls, best and mean reported.
+    """
+    from zsharp_sweeps.optim.threshold import resolve_method, zscore_masks
+
+    device = torch.device(s.device)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)).to(device)
+    rows = []
+    for method in methods:
+        (mask,) = zscore_masks([g], q, method=method)
+        _sync(device)
+        times = []
+        for _ in range(s.steps):
+            start = time.perf_counter()
+            (mask,) = zscore_masks([g], q, method=method)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        rows.append({"shape": "x".join(map(str, shape)), "entries": g.numel(), "q": q,
+                     "method": method, "resolved": resolve_method(method, device),
+                     "best_s": min(times), "mean_s": sum(times) / len(times),
+                     "kept": int(mask.sum())})
     return rows
 
 
@@ -370,6 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --sharpness: run exactly this many power iterations")
     parser.add_argument("--sharpness-trace-samples", type=int, default=None,
                         help="with --sharpness: this many Hutchinson samples")
+    parser.add_argument("--threshold", action="store_true",
+                        help="cost of ZSharp's exact threshold on a 4096x4200 gradient")
+    parser.add_argument("--label-smoothing", type=float, default=0.0,
+                        help="trainer.label_smoothing of the benchmarked step")
+    parser.add_argument("--grad-clip", type=float, default=None,
+                        help="trainer.grad_clip of the benchmarked step")
+    parser.add_argument("--bn-second-pass", choices=("freeze", "update"), default="freeze",
+                        help="optimizer.bn_second_pass of the benchmarked step")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
@@ -385,10 +430,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         precision=args.precision, channels_last=args.channels_last, compile=args.compile,
         cuda_graph=args.cuda_graph, data=args.data, image_size=args.image_size,
+        label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
+        bn_second_pass=args.bn_second_pass,
     )
     try:
         modes = [parse_mode(m) for m in args.modes.split(",")] if args.modes else None
-    except ValueError as exc:
+        for name in s.optimizers:  # the trainer's range checks, before any work
+            bench_config(s, name)
+    except ValueError as exc:  # ConfigError names the setting and the allowed range
         parser.error(str(exc))
     env = {
         "torch": torch.__version__, "python": platform.python_version(),
@@ -412,6 +461,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.loader:
         rows = run_loader(s, args.loader_workers)
         results["loader"] = rows
+        print(_table(rows))
+    elif args.threshold:
+        rows = run_threshold(s)
+        results["threshold"] = rows
         print(_table(rows))
     elif args.sharpness:
         rows = run_sharpness(s, args.sharpness_eig_iters, args.sharpness_trace_samples)

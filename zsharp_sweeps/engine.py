@@ -21,19 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-
+from zsharp_sweeps.build import AMP_DTYPES, build_step, to_memory_format
 from zsharp_sweeps.checkpoint import Checkpointer, TrainingState, restore
 from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import TrainConfig
-from zsharp_sweeps.graphs import CudaGraphStep
-from zsharp_sweeps.optim import train_step
 from zsharp_sweeps.schedule import build_scheduler
 
-EpochCallback = Callable[[int, dict[str, float]], None]
+__all__ = ["AMP_DTYPES", "EpochCallback", "FitResult", "NonFiniteLossError", "evaluate", "fit"]
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {
-    "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16,
-}
+EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 @dataclass
@@ -53,10 +49,6 @@ class NonFiniteLossError(RuntimeError):
     """Training diverged (loss is nan/inf): a failed trial, not a crash of the sweep."""
 
 
-def _prepare(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -70,7 +62,7 @@ def evaluate(
     model.eval()
     loss_sum = correct = count = None
     for inputs, targets in batches:
-        inputs = _prepare(inputs, channels_last)
+        inputs = to_memory_format(inputs, channels_last)
         with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
@@ -106,38 +98,16 @@ def fit(
     the epoch after it: callbacks see only the remaining epochs.
     """
     tcfg, hw = cfg.trainer, cfg.hardware
-    amp_dtype = AMP_DTYPES[hw.precision]
     device = next(model.parameters()).device
-    scaler = torch.amp.GradScaler(device.type) if hw.precision == "fp16" else None
-    step_model = torch.compile(model) if hw.compile else model
+    run_step = build_step(cfg, model, optimizer)  # the one step builder (zsharp_sweeps.build)
+    step_model, amp_dtype = run_step.model, run_step.amp_dtype
     scheduler = build_scheduler(optimizer, tcfg)
-    label_smoothing = tcfg.label_smoothing
-
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
-
-    def step_fn(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return train_step(
-            step_model, optimizer, loss_fn, inputs, targets,
-            amp_dtype=amp_dtype, scaler=scaler,
-            freeze_bn_second_pass=cfg.optimizer.bn_second_pass == "freeze",
-            grad_clip=tcfg.grad_clip,
-        )
-
-    run_step = step_fn
-    if hw.cuda_graph:
-        if device.type != "cuda" or scaler is not None:
-            raise ValueError(
-                "hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 "
-                f"(got device {device}, precision {hw.precision})"
-            )
-        run_step = CudaGraphStep(step_fn, optimizer)
 
     steps = len(data.train)
     if tcfg.max_steps_per_epoch is not None:
         steps = min(steps, tcfg.max_steps_per_epoch)
     result = FitResult()
-    state = TrainingState(model, optimizer, scheduler, scaler, result.history)
+    state = TrainingState(model, optimizer, scheduler, run_step.scaler, result.history)
     start_epoch = 1 if resume is None else restore(resume, state) + 1  # RNGs restored last
     best_val_acc = max(
         (h["val_acc"] for h in result.history if math.isfinite(h.get("val_acc", math.nan))),
@@ -173,7 +143,6 @@ def fit(
             for step, (inputs, targets) in enumerate(data.train):
                 if step >= steps:
                     break
-                inputs = _prepare(inputs, hw.channels_last)
                 loss, logits = run_step(inputs, targets)
                 loss_sum += loss.float() * targets.numel()
                 correct += (logits.argmax(dim=1) == targets).sum()
