@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 # MLflow store: $MLFLOW_TRACKING_URI wins (MLflow's convention), else SQLite under mlruns/.
 TRACKING_URI ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///mlruns/mlflow.db)
 ARGS ?=
+# Test processes (pytest-xdist); each uses one torch thread (tests/conftest.py). 0 = no xdist.
+TEST_WORKERS ?= 2
+TEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
 
-.PHONY: help install test lint format train demo sweep ui bench clean
+.PHONY: help install test test-fast lint format train demo sweep ui bench clean
 
 help:
 	@echo "make install  - create $(VENV) with torch, Hydra, Optuna, MLflow and dev tools"
@@ -14,7 +17,8 @@ help:
 	@echo "make train    - python -m zsharp_sweeps.train \$$ARGS (defaults: CIFAR-10, ResNet-20, ZSharp)"
 	@echo "make sweep    - Optuna sweep over rho, Q_p, lr on digits (ARGS to override)"
 	@echo "make ui       - MLflow UI on $(TRACKING_URI)"
-	@echo "make test     - the test suite (CPU, embedded data)"
+	@echo "make test     - the whole test suite (CPU, embedded data; < 6 min on 2 cores)"
+	@echo "make test-fast - the tests not marked slow, for the edit loop (< 90 s on 2 cores)"
 	@echo "make lint     - ruff"
 	@echo "make bench    - optimizer-step and throughput benchmark (ARGS to override)"
 
@@ -26,7 +30,10 @@ install:
 	$(PY) -m pip install -e ".[dev]" --config-settings editable_mode=compat
 
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(TEST_XDIST) --durations=10
+
+test-fast:
+	$(PY) -m pytest -q $(TEST_XDIST) -m "not slow"
 
 lint:
 	$(PY) -m ruff check zsharp_sweeps tests

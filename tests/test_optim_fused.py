@@ -29,16 +29,19 @@ def _run(call: str) -> None:
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow  # a fresh interpreter running Triton's interpreter
 @pytest.mark.parametrize("chunk", [16, 64, 2048])
 def test_fused_abs_z_is_bit_identical(chunk: int) -> None:
     _run(f"abs_z_is_bit_identical({chunk})")
 
 
+@pytest.mark.slow  # a fresh interpreter running Triton's interpreter
 @pytest.mark.parametrize("rhos", [(0.05, 0.05), (0.05, 0.2)])
 def test_fused_perturbation_keeps_the_same_entries(rhos: tuple[float, float]) -> None:
     _run(f"perturbation_keeps_the_same_entries({rhos})")
 
 
+@pytest.mark.slow  # a fresh interpreter running Triton's interpreter
 def test_fused_perturbation_with_a_nan_gradient_matches() -> None:
     _run("perturbation_with_a_nan_gradient_matches()")
 
