@@ -1,14 +1,21 @@
-"""SQLite store URLs: the one parser (zsharp_sweeps.uris) and the first-touch lock beside it."""
+"""SQLite stores: the one URL parser (zsharp_sweeps.uris), the first-touch lock and the
+"database is locked" check (zsharp_sweeps.locks) that the MLflow retry relies on."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-from zsharp_sweeps.locks import sqlite_init_lock
+from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock
+from zsharp_sweeps.tracking import _retry
 from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 
 
@@ -78,3 +85,77 @@ def test_init_lock_is_a_no_op_for_servers(tmp_path: Path, monkeypatch: pytest.Mo
     with sqlite_init_lock("postgresql://db/optuna"):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def locked_db(tmp_path: Path) -> Iterator[Path]:
+    """A database another connection holds an exclusive write lock on."""
+    db = tmp_path / "busy.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    yield db
+    holder.execute("ROLLBACK")
+    holder.close()
+
+
+def _locked_errors(db: Path) -> list[BaseException]:
+    """The same lock as sqlite3, SQLAlchemy and MLflow (its SQL store's wrapping) raise it."""
+    errors: list[BaseException] = []
+    conn = sqlite3.connect(db, timeout=0)
+    with pytest.raises(sqlite3.OperationalError) as raw:
+        conn.execute("INSERT INTO t VALUES (1)")
+    conn.close()
+    errors.append(raw.value)
+    engine = sqlalchemy.create_engine(f"sqlite:///{db}", connect_args={"timeout": 0})
+    with pytest.raises(sqlalchemy.exc.OperationalError) as wrapped:
+        with engine.begin() as connection:
+            connection.execute(sqlalchemy.text("INSERT INTO t VALUES (1)"))
+    engine.dispose()
+    errors.append(wrapped.value)
+    try:  # what mlflow/store/db/utils.py does with an OperationalError
+        raise MlflowException(message=wrapped.value, error_code=TEMPORARILY_UNAVAILABLE) \
+            from wrapped.value
+    except MlflowException as exc:
+        errors.append(exc)
+    return errors
+
+
+def test_a_locked_database_is_recognised_through_its_wrappers(locked_db: Path) -> None:
+    errors = _locked_errors(locked_db)
+    assert [type(e).__name__ for e in errors] == [
+        "OperationalError", "OperationalError", "MlflowException",
+    ]
+    assert all(is_database_locked(e) for e in errors)
+
+
+def test_other_errors_are_not_locks(tmp_path: Path) -> None:
+    assert not is_database_locked(MlflowException("experiment 'locked' does not exist"))
+    assert not is_database_locked(RuntimeError("database is locked"))  # words, not the error
+    conn = sqlite3.connect(tmp_path / "x.db")
+    with pytest.raises(sqlite3.OperationalError) as missing:
+        conn.execute("SELECT * FROM nowhere")
+    assert not is_database_locked(missing.value)
+
+
+def test_retry_retries_a_lock_and_nothing_else(locked_db: Path) -> None:
+    lock = _locked_errors(locked_db)[-1]
+    calls: list[int] = []
+
+    def locked_twice() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise lock
+        return "done"
+
+    assert _retry(locked_twice) == "done"
+    assert len(calls) == 3
+
+    def fails() -> None:
+        calls.append(1)
+        raise MlflowException("RESOURCE_ALREADY_EXISTS: the store says locked")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="RESOURCE_ALREADY_EXISTS"):
+        _retry(fails)
+    assert len(calls) == 1

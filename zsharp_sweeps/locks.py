@@ -1,22 +1,30 @@
-"""Cross-process locks for the first touch of a local SQLite store.
+"""SQLite stores shared by several processes: the first-touch lock, and "database is locked".
 
 Why: MLflow and Optuna create their SQLite schemas (and run migrations) on first use. Two
 sweep workers that start together against a new ``mlflow.db`` or ``optuna.db`` race on it
 ("Online migration expected to match one row ..."). A lock file beside the database
 (``<db>.lock``, held with ``filelock``, which also works where ``fcntl`` does not) serialises
-that first touch; servers (PostgreSQL, MySQL, HTTP) need none.
+that first touch; servers (PostgreSQL, MySQL, HTTP) need none. Afterwards SQLite still takes
+one writer at a time, and a writer that waits too long gets SQLITE_BUSY ("database is
+locked"): :func:`is_database_locked` recognises exactly that error, however MLflow or
+SQLAlchemy wrapped it, so callers can retry it and nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from collections.abc import Iterator
 
 from filelock import FileLock
 
 from zsharp_sweeps.uris import sqlite_path
 
-__all__ = ["sqlite_init_lock", "sqlite_path"]
+__all__ = ["is_database_locked", "sqlite_init_lock", "sqlite_path"]
+
+# SQLITE_BUSY and SQLITE_LOCKED (sqlite3 exposes the names from Python 3.11 on).
+_BUSY_CODES = (5, 6)
+_BUSY_MESSAGES = ("database is locked", "database table is locked")
 
 
 @contextlib.contextmanager
@@ -33,3 +41,35 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock"))):
         yield
+
+
+def _is_sqlite_busy(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES  # extended codes keep the primary code in the low byte
+    return str(exc).startswith(_BUSY_MESSAGES)
+
+
+def is_database_locked(exc: BaseException) -> bool:
+    """True if ``exc`` is SQLite's "database is locked" (SQLITE_BUSY/SQLITE_LOCKED).
+
+    Looks through the wrappers it arrives in: ``sqlalchemy.exc.OperationalError`` (its
+    ``orig``) and MLflow's ``MlflowException`` (raised ``from`` the SQLAlchemy error), by
+    following ``orig``, ``__cause__`` and ``__context__``. Any other error, whatever its
+    message says, is not a lock.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if _is_sqlite_busy(current):
+            return True
+        orig = getattr(current, "orig", None)
+        todo += [orig if isinstance(orig, BaseException) else None, current.__cause__,
+                 current.__context__]
+    return False

@@ -47,6 +47,7 @@ from zsharp_sweeps.tables import (
     state_counts,
     trials_frame,
 )
+from zsharp_sweeps.uris import sqlite_path, sqlite_url
 
 if TYPE_CHECKING:
     from zsharp_sweeps.tracking import Tracker
@@ -70,7 +71,7 @@ def storage_url(target: str) -> str:
             f"no Optuna storage at {path}: pass a sweep directory (multirun/<study>), "
             "its optuna.db, or a storage URL such as sqlite:///path/optuna.db"
         )
-    return f"sqlite:///{path.resolve()}"
+    return sqlite_url(path)
 
 
 def load_study(target: str, study_name: str | None = None) -> optuna.Study:
@@ -327,7 +328,8 @@ def _tracker(uri: str | None, experiment: str) -> Tracker | None:
     from zsharp_sweeps.tracking import Tracker, default_tracking_uri
 
     uri = uri or default_tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
         print(f"note: no MLflow store at {uri}: report without MLflow parts", file=sys.stderr)
         return None
     return Tracker(TrackingConfig(uri=uri, experiment=experiment))

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from zsharp_sweeps.config import TrackingConfig
-from zsharp_sweeps.locks import sqlite_init_lock
+from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock
+from zsharp_sweeps.uris import sqlite_path, sqlite_url
 
 DEFAULT_STORE_DIR = "mlruns"
 
@@ -29,8 +30,7 @@ def default_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    store = Path(base_dir or os.getcwd()).resolve() / DEFAULT_STORE_DIR
-    return f"sqlite:///{store / 'mlflow.db'}"
+    return sqlite_url(Path(base_dir or os.getcwd()) / DEFAULT_STORE_DIR / "mlflow.db")
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -39,10 +39,8 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
 
 def _artifact_root_for(uri: str) -> str | None:
     """Artifacts beside a local SQLite database (``mlruns/artifacts``); servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.parent / "artifacts").resolve().as_uri()
-    return None
+    db = sqlite_path(uri)
+    return None if db is None else (db.parent / "artifacts").resolve().as_uri()
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,13 +80,14 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
 
 
 def _retry(fn, *args, attempts: int = 8, **kwargs):
-    """SQLite takes one writer at a time: parallel trials can briefly see 'database is locked'."""
+    """SQLite takes one writer at a time: parallel trials can briefly see 'database is locked'
+    (retried with back-off); any other error is raised at once."""
     delay = 0.1
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # MlflowException wraps the sqlite OperationalError
-            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+        except Exception as exc:  # MlflowException from SQLAlchemy from sqlite3: see locks
+            if not is_database_locked(exc) or attempt == attempts - 1:
                 raise
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
