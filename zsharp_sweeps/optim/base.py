@@ -44,6 +44,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from zsharp_sweeps.optim.checks import check_rho
 
+#: ``(param_group, [its parameters that have a gradient])`` for every group, in order: what
+#: :meth:`SAMBase._perturbation` receives.
+Groups = list[tuple[dict[str, Any], list[Tensor]]]
+
 _FLAG = "_sam_running_stats_frozen"
 
 # idle -> first_step -> ascended -> restore -> restored -> descent gradients -> prepared -> idle
@@ -142,7 +146,7 @@ class SAMBase(torch.optim.Optimizer):
         self._phase = _IDLE
 
     # --- the two steps --------------------------------------------------------------------
-    def _with_grads(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+    def _with_grads(self) -> Groups:
         return [
             (group, [p for p in group["params"] if p.grad is not None])
             for group in self.param_groups
@@ -227,7 +231,7 @@ class SAMBase(torch.optim.Optimizer):
         return loss
 
     # --- hooks ----------------------------------------------------------------------------
-    def _perturbation(self, groups: list[tuple[dict[str, Any], list[Tensor]]]) -> list[Tensor]:
+    def _perturbation(self, groups: Groups) -> list[Tensor]:
         """The ascent ``e`` for every parameter with a gradient, in ``groups`` order."""
         raise NotImplementedError
 

@@ -25,9 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zsharp_sweeps.optim.base import SAMBase, global_norm
-
-Groups = list[tuple[dict[str, Any], list[Tensor]]]
+from zsharp_sweeps.optim.base import Groups, SAMBase, global_norm
 
 
 class FriendlySAM(SAMBase):

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from zsharp_sweeps.optim import fused
-from zsharp_sweeps.optim.base import SAMBase, global_norm
+from zsharp_sweeps.optim.base import Groups, SAMBase, global_norm
 from zsharp_sweeps.optim.checks import (
     FILTERS,
     KERNELS,
@@ -58,8 +58,6 @@ from zsharp_sweeps.optim.threshold import (
     quantile_threshold,
     resolve_method,
 )
-
-Groups = list[tuple[dict[str, Any], list[Tensor]]]
 
 
 class ZSharp(SAMBase):
