@@ -16,9 +16,10 @@ pytest-postgresql starts ``pg_ctl`` as the current user and has no option to swi
 user owns (pytest's own tmp directories are private to root). The binaries are found on
 ``PATH`` or in Debian's ``/usr/lib/postgresql/<version>/bin``.
 
-Speed (2 CPU cores): the cluster is up in about 1.5 s (``initdb`` without fsync, C locale);
-``mlflow server`` needs about 12 s (its import and schema migrations), so it is started only
-when a test asks for it, once per session, with one worker process.
+Speed (2 CPU cores, light to heavy load): the cluster is up in 0.7-1.8 s (``initdb``
+without fsync, C locale); ``mlflow server`` needs 5-13 s (its imports and schema migrations;
+19-22 s with its default 4 workers and job execution), so it is started only when a test asks
+for it, once per session, with one worker process and no job execution.
 
 URL form: ``postgresql+psycopg://postgres@127.0.0.1:PORT/NAME``: psycopg 3 (the project's
 driver) named explicitly, which SQLAlchemy 2.0 and 2.1 both read the same way.
