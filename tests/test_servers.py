@@ -54,6 +54,7 @@ study.optimize(objective, n_trials=1)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_workers_trial_is_failed_and_retried_on_postgres(postgres_url: str) -> None:
     """A worker SIGKILLed mid-trial stops beating; the next worker to start a trial marks it
     FAILED and ``RetryFailedTrialCallback`` runs a copy with the same parameters."""
