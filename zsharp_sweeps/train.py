@@ -1,6 +1,6 @@
 """The training entry point: ``python -m zsharp_sweeps.train optimizer=zsharp model=vit``.
 
-Thin on purpose (DESIGN.md): compose and validate the config, build data, model and
+Thin on purpose (docs/architecture.md): compose and validate the config, build data, model and
 optimizer from it, run the fit loop inside one MLflow run, return the objective as a
 float so Hydra's Optuna sweeper can use it. ``run_training`` is the same without Hydra.
 """

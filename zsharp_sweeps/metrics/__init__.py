@@ -1,4 +1,4 @@
-"""Metrics computed during training: sharpness of the loss surface (see SPEC.md, Sharpness)."""
+"""Metrics computed during training: sharpness of the loss surface (docs/algorithms.md, "Sharpness metrics")."""
 
 from zsharp_sweeps.metrics.sharpness import (
     compute_sharpness,

@@ -1,6 +1,6 @@
 """Sharpness metrics: SAM sharpness, Hessian top eigenvalue and Hessian trace.
 
-These are the three measurements named in SPEC.md (section Sharpness) and logged to MLflow as
+These are the three measurements of docs/algorithms.md ("Sharpness metrics"), logged to MLflow as
 ``sharpness/sam``, ``sharpness/hessian_top_eig`` and ``sharpness/hessian_trace``.
 
 Contract shared by every function here:
@@ -48,7 +48,7 @@ __all__ = [
 LossFn = Callable[[Any, Any], Tensor]
 Batch = tuple[Any, Any]
 
-# SPEC.md: e = rho * g / (||g|| + 1e-12), the same epsilon as the SAM optimizers use.
+# docs/algorithms.md: e = rho * g / (||g|| + 1e-12), the same epsilon as the SAM optimizers use.
 _SAM_EPS = 1e-12
 
 
@@ -163,7 +163,7 @@ def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Sequence[Batch], r
     This is the quantity SAM's inner maximisation approximates (a first-order worst case within a
     ball of radius ``rho``), measured per batch as SAM itself does rather than with a gradient of
     the full set. ||g|| is the global norm over all parameters that require grad, with the
-    1e-12 epsilon of SPEC.md, so a zero gradient gives zero sharpness.
+    1e-12 epsilon of the SAM optimizers, so a zero gradient gives zero sharpness.
     """
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho!r}")
@@ -300,7 +300,7 @@ def compute_sharpness(
     eig_tol: float = 1e-4,
     trace_samples: int = 100,
 ) -> dict[str, float]:
-    """The requested sharpness metrics, keyed by their MLflow metric names (SPEC.md).
+    """The requested sharpness metrics, keyed by their MLflow metric names (``sharpness/*``).
 
     ``sam_rho=None`` skips SAM sharpness; the result holds only the keys asked for, so a caller
     can pass it straight to the tracker. The Hessian metrics use their default seed (0), so the

@@ -1,7 +1,7 @@
 """CIFAR ResNets of He et al. (2016, Sec. 4.2): resnet20, resnet56, resnet110.
 
 Why this exact variant: the ZSharp paper's ResNet-20/56 results come from the official
-code (``--model-name res20s / res56s``), whose CIFAR ResNets are, per SPEC.md, the
+code (``--model-name res20s / res56s``), whose CIFAR ResNets are (docs/algorithms.md, recipes) the
 option-A models of akamaster/pytorch_resnet_cifar10 (the faithful port of the
 paper's CIFAR models). Their details matter for parameter counts and for ZSharp's
 per-tensor filtering, so they are kept:

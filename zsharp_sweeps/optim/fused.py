@@ -6,7 +6,7 @@ pad; ``e``: mask, where, norm, multiply, divide, scale, where), each a separate 
 that reads and writes the whole buffer (25 MB per pass on ViT-CIFAR). These kernels do the
 same arithmetic in three passes.
 
-Exactness: ``|z|`` must be bit for bit the official ``(g - mean) / (std + 1e-12)`` (SPEC:
+Exactness: ``|z|`` must be bit for bit the official ``(g - mean) / (std + 1e-12)`` (docs/algorithms.md:
 the boundary entry must match), so the kernel does exactly those IEEE operations: one
 round-to-nearest subtraction and one round-to-nearest division (``tl.div_rn``, not Triton's
 default approximate division); the mean and ``std + 1e-12`` come from the same PyTorch

@@ -1,6 +1,6 @@
 """SAM, ASAM and the two "direction vs magnitude" variants of SAM's descent step.
 
-Formulas (SPEC.md), with ``g`` the gradient at ``w`` and norms over all parameters together:
+Formulas (docs/algorithms.md), with ``g`` the gradient at ``w`` and norms over all parameters together:
 
 * SAM (Foret et al.; davda54/sam): ``e = rho * g / (||g|| + 1e-12)``. With ``adaptive=True``
   it is davda54's adaptive form: ``e = rho * w^2 * g / (||w * g|| + 1e-12)`` on every parameter.

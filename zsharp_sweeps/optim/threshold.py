@@ -28,7 +28,7 @@ The threshold itself: ``torch.quantile`` returns ``tau = lerp(a_j, a_c, w)`` wit
 sorted values, ``j = floor(rank)``, ``c = ceil(rank)``, ``w = rank - j`` and
 ``rank = Q_p * (n - 1)``, whose arithmetic has changed across PyTorch versions (see
 :func:`rank_mode`; checked bit for bit against ``torch.quantile`` on CPU with torch 2.14 and
-on an H100 with torch 2.11). SPEC.md's shortcut
+on an H100 with torch 2.11). The shortcut of docs/algorithms.md ("The exact fast form")
 ``{|z| > a_j}`` equals ``{|z| > tau}`` except when ``a_{j+1}`` is within about an ulp of ``a_j``
 and ``w >= 0.5`` (``lerp`` then rounds up to ``a_{j+1}``), which does happen in tensors of
 millions of entries; so we compute ``a_j``, ``a_c`` and ``tau`` exactly as quantile does. A
