@@ -1,8 +1,33 @@
-"""Pruners for tests, importable by path from a sweep's trial processes."""
+"""Helpers for sweep tests: run the real ``--multirun`` entry point, read both stores.
+
+Pruners here are importable by path from a sweep's worker processes.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 import optuna
+from mlflow.tracking import MlflowClient
+
+from zsharp_sweeps.sweep.lifecycle import pid_alive  # noqa: F401  re-exported for tests
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A small but honest sweep: digits, a tiny MLP, 2 epochs, one sharpness batch.
+SWEEP = [
+    "--multirun", "+sweep=zsharp_rho_qp_lr", "data=digits", "hardware=cpu", "model=mlp",
+    "model.params.hidden=32", "trainer.epochs=2", "trainer.progress=false",
+    "sharpness.num_batches=1", "sharpness.batch_size=32",
+    "hydra.sweeper.sampler.n_startup_trials=2",
+]
+STUDY = "zsharp_rho_qp_lr-mlp-digits"
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):
@@ -10,3 +35,90 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         return True
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    out["PYTHONPATH"] = str(REPO)
+    out["OMP_NUM_THREADS"] = "1"
+    return out
+
+
+def seed_mlflow_store(template: Path, cwd: Path) -> None:
+    """An initialised (migrated) MLflow database where the sweep looks by default: creating
+    one runs MLflow's migrations, which take seconds per test otherwise."""
+    (cwd / "mlruns").mkdir(parents=True, exist_ok=True)
+    shutil.copy(template, cwd / "mlruns" / "mlflow.db")
+
+
+def make_mlflow_template(directory: Path) -> Path:
+    path = directory / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()  # creates and migrates
+    return path
+
+
+def sweep_cmd(*extra: str, base: tuple[str, ...] = tuple(SWEEP)) -> list[str]:
+    return [sys.executable, "-m", "zsharp_sweeps.train", *base, *extra]
+
+
+def run_sweep(cwd: Path, *extra: str, check: bool = True, timeout: float = 300,
+              base: tuple[str, ...] = tuple(SWEEP)) -> subprocess.CompletedProcess:
+    proc = subprocess.run(sweep_cmd(*extra, base=base), cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    return proc
+
+
+def start_sweep(cwd: Path, *extra: str, base: tuple[str, ...] = tuple(SWEEP)) -> subprocess.Popen:
+    log = open(cwd / "sweep.log", "w")  # noqa: SIM115  closed with the process
+    return subprocess.Popen(sweep_cmd(*extra, base=base), cwd=cwd, env=env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def storage_url(cwd: Path, name: str = STUDY) -> str:
+    return f"sqlite:///{cwd / 'multirun' / name / 'optuna.db'}"
+
+
+def load_study(cwd: Path, name: str = STUDY) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage_url(cwd, name))
+
+
+def mlflow_runs(cwd: Path):
+    """(client, parent runs, child runs) of the default store under ``cwd``."""
+    client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("zsharp-sweeps")
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str,
+             proc: subprocess.Popen | None = None) -> object:
+    """Poll ``condition`` until it returns something truthy; fail with ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with_value = _safe(condition)
+        if with_value:
+            return with_value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before: {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for: {what}")
+
+
+def _safe(condition: Callable[[], object]) -> object:
+    try:
+        return condition()
+    except Exception:  # the store may not exist yet, or be locked for a moment
+        return None
+
+
+def running_trials_with_reports(cwd: Path, name: str = STUDY) -> list:
+    """RUNNING trials that reported at least one epoch (well inside their training)."""
+    study = load_study(cwd, name)
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values]
+
+

@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -142,10 +143,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         return str(self.config.hydra.job.config_name)
 
     def _check_urls(self, storage: str) -> None:
-        try:  # TEMP until storage.py lands
-            from zsharp_sweeps.sweep.storage import check_storage_url
-        except ImportError:
-            def check_storage_url(url): return None
+        from zsharp_sweeps.sweep.storage import check_storage_url
         from zsharp_sweeps.tracking import check_tracking_uri, resolve_tracking_uri
 
         try:
@@ -161,8 +159,8 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         from zsharp_sweeps.sweep.trial import build_pruner
 
         directions = [d.lower() for d in self._get_directions()]
-        rdb = open_storage(self._plan_stub(storage))
-        with sqlite_init_lock(storage):  # several workers or hosts may start together
+        with sqlite_init_lock(storage):  # several sweeps may create the schema together
+            rdb = open_storage(self._plan_stub(storage))
             study = optuna.create_study(
                 study_name=self.study_name or "study", storage=rdb,
                 pruner=build_pruner(section(self.config, "study")),
@@ -223,7 +221,8 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         tracker.log_params(params)
         return run_id
 
-    def _finish_parent(self, tracker: Tracker, study: optuna.Study, status: str) -> None:
+    def _finish_parent(self, tracker: Tracker, study: optuna.Study, status: str,
+                       report: list[Path]) -> None:
         if not tracker.enabled or tracker.run_id is None:
             return
         state = progress(study)
@@ -239,16 +238,20 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             tags.update({f"best.{override_param_key(k)}": str(v) for k, v in best.params.items()})
         tracker.set_tags(tags)
         tracker.log_metrics(metrics, step=state.finished)
-        if status == "FINISHED":
-            from zsharp_sweeps.report import write_report
-
-            out = Path(str(self.config.hydra.sweep.dir)) / "report"
-            try:  # a report problem must not fail a finished sweep; say so and go on
-                for path in write_report(study, out, tracker=tracker):
-                    tracker.log_artifact(path, "report")
-            except Exception as exc:
-                log.warning(f"Could not write the sweep report to {out}: {exc!r}")
+        for path in report:
+            tracker.log_artifact(path, "report")
         tracker.end(status)
+
+    def _write_report(self, study: optuna.Study, tracker: Tracker) -> list[Path]:
+        """The end-of-sweep report (also without MLflow: it reads the study)."""
+        from zsharp_sweeps.report import write_report
+
+        out = Path(str(self.config.hydra.sweep.dir)) / "report"
+        try:  # a report problem must not fail a finished sweep; say so and go on
+            return list(write_report(study, out, tracker=tracker if tracker.enabled else None))
+        except Exception as exc:
+            log.warning(f"Could not write the sweep report to {out}: {exc!r}")
+            return []
 
     # ----- the sweep ---------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
@@ -262,6 +265,11 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
 
         study = self._open_study(storage)
+        objectives = list(self.config.get("objectives", ["best_val_acc"]))
+        if study.metric_names is None and len(objectives) == len(study.directions):
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(objectives)  # Optuna's plots and tables name them
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         make_sampler = sampler_factory(OmegaConf.to_container(self.sampler_conf), grid)
         self.sampler_name = type(make_sampler(None)).__name__
@@ -277,11 +285,12 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             study_name=study.study_name, storage=storage, n_trials=self.n_trials,
             max_failure_rate=self.max_failure_rate, space=space, fixed_overrides=fixed,
             make_sampler=make_sampler, sampler_seed=seed, study=section(self.config, "study"),
-            objectives=list(self.config.get("objectives", ["best_val_acc"])),
+            objectives=objectives,
             config_name=self._config_name(), sweep_dir=str(sweep_dir),
             devices=self._devices(), trials_per_device=hardware.trials_per_gpu,
             main_pid=os.getpid(),
             stop_file=str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"),
+            main_host=socket.gethostname(),
             parent_run_id=parent_run_id, heartbeat_interval=self.heartbeat_interval,
             grace_period=self.grace_period, max_retry=self.max_retry,
             custom_search_space_extender=self.custom_search_space_extender,
@@ -293,12 +302,18 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                 returns = self._launch(plan)
             error = next((r._return_value for r in returns
                           if r.status.name == "FAILED"), None)
+            # A worker in this process (n_jobs=1) receives the signal itself.
+            stopped = [r.return_value["stopped"] for r in returns
+                       if r.status.name == "COMPLETED" and r.return_value.get("stopped")]
+            if stopped and stop.signum is None:
+                stop.signum = stopped[0]
             status = "KILLED" if stop.signum else ("FAILED" if error else "FINISHED")
         except KeyboardInterrupt:
             status = "KILLED"
             raise
         finally:
-            self._finish_parent(tracker, study, status)
+            report = self._write_report(study, tracker) if status == "FINISHED" else []
+            self._finish_parent(tracker, study, status, report)
             self._save_results(study)
             self._summary(study, tracker, sweep_dir, status)
         if stop.signum:
@@ -313,11 +328,28 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             task_function=functools.partial(run_worker, plan=plan),
         )
         host = socket.gethostname()
+        n_workers = max(1, self.n_jobs)
         jobs = [
             [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{i}"]
-            for i in range(max(1, self.n_jobs))
+            for i in range(n_workers)
         ]
-        return list(launcher.launch(jobs, initial_job_idx=0))
+        devices = ", ".join(plan.device_for(i) for i in range(n_workers))
+        log.info(f"Starting {n_workers} worker(s) on {devices}; logs in "
+                 f"{plan.sweep_dir}/workers/, one folder per trial in {plan.sweep_dir}/")
+        # The launchers log every job's overrides (here: the same for every worker) and
+        # joblib's settings: not what a user wants to read once per worker.
+        launcher_logs = [logging.getLogger(name) for name in
+                         ("hydra_plugins.hydra_joblib_launcher",
+                          "hydra_plugins.hydra_submitit_launcher",
+                          "hydra._internal.core_plugins.basic_launcher")]
+        levels = [lg.level for lg in launcher_logs]
+        for lg in launcher_logs:
+            lg.setLevel(logging.WARNING)
+        try:
+            return list(launcher.launch(jobs, initial_job_idx=0))
+        finally:
+            for lg, level in zip(launcher_logs, levels):
+                lg.setLevel(level)
 
     def _summary(self, study: optuna.Study, tracker: Tracker, sweep_dir: Path,
                  status: str) -> None:

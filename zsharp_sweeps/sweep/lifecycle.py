@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,17 +25,31 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (and is no zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 class _Watchdog(threading.Thread):
-    def __init__(self, stop_file: Path, watch_parent: bool) -> None:
+    def __init__(self, stop_file: Path, main_pid: int | None) -> None:
         super().__init__(name="zsharp-sweep-watchdog", daemon=True)
         self.stop_file = stop_file
-        self.parent = os.getppid() if watch_parent else None
+        self.main_pid = main_pid
         self.finished = threading.Event()
 
     def run(self) -> None:
         while not self.finished.wait(POLL_S):
             reason = None
-            if self.parent is not None and os.getppid() != self.parent:
+            if self.main_pid is not None and not pid_alive(self.main_pid):
                 reason = "the sweep's main process is gone"
             elif self.stop_file.exists():
                 reason = "the sweep was asked to stop"
@@ -45,9 +60,14 @@ class _Watchdog(threading.Thread):
 
 
 @contextlib.contextmanager
-def watchdog(stop_file: str | os.PathLike, main_pid: int) -> Iterator[None]:
-    """Watch for the stop file and, in a child process of the sweep, for the parent's death."""
-    dog = _Watchdog(Path(stop_file), watch_parent=os.getppid() == main_pid)
+def watchdog(stop_file: str | os.PathLike, main_pid: int, main_host: str | None = None
+             ) -> Iterator[None]:
+    """Watch for the stop file and, for a worker on the sweep's own host in another
+    process, for the death of the sweep's main process (joblib's workers are not always
+    its direct children, so the pid is watched, not the parent)."""
+    same_host = main_host is None or main_host == socket.gethostname()
+    watched = main_pid if same_host and main_pid != os.getpid() and main_pid > 0 else None
+    dog = _Watchdog(Path(stop_file), watched)
     dog.start()
     try:
         yield

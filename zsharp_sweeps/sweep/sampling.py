@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,9 +27,11 @@ from optuna.distributions import (
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
-#: Samplers whose seed defines one sequence for the whole study (QMC scrambles with it and
-#: indexes the sequence by trial number): they keep the study's seed unchanged.
-STUDY_WIDE_SEED = (optuna.samplers.QMCSampler,)
+#: Samplers whose seed defines one structure for the whole study, which every trial must
+#: share: QMC scrambles its sequence with it (and indexes it by trial number), the grid
+#: shuffles its grid points with it (a trial's ``grid_id`` indexes that order). They keep
+#: the study's seed; neither repeats a point, since both pick by what the storage holds.
+STUDY_WIDE_SEED = (optuna.samplers.QMCSampler, optuna.samplers.GridSampler)
 
 
 def derive_seed(study_seed: int, trial_number: int) -> int:
@@ -97,10 +100,12 @@ def _make_sampler(conf: dict, grid: dict | None, seed: int | None) -> BaseSample
     conf = dict(conf)
     if "seed" in conf:
         conf["seed"] = seed
-    sampler = instantiate(
-        conf,
-        _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
-    )
+    with warnings.catch_warnings():  # QMC, GP ... are "experimental" in Optuna
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = instantiate(
+            conf,
+            _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
+        )
     if isinstance(sampler, functools.partial):  # the grid sampler needs its grid
         sampler = sampler(grid or {})
     return sampler

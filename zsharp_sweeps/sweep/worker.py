@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,7 +35,7 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from zsharp_sweeps.config import ConfigError, StudyConfig
+from zsharp_sweeps.config import ConfigError, StudyConfig, section
 from zsharp_sweeps.sweep.context import DataCache, TrialContext
 from zsharp_sweeps.sweep.lifecycle import watchdog
 from zsharp_sweeps.sweep.progress import (
@@ -82,6 +84,7 @@ class SweepPlan:
     trials_per_device: int
     main_pid: int
     stop_file: str
+    main_host: str = ""
     parent_run_id: str | None = None
     heartbeat_interval: int = 10
     grace_period: int = 30
@@ -113,6 +116,31 @@ def open_storage(plan: SweepPlan) -> optuna.storages.RDBStorage:
                 max_retry=plan.max_retry
             ),
         )
+
+
+def close_stale_runs(cfg: DictConfig, study_name: str, trial_number: int) -> None:
+    """MLflow runs of a trial whose worker died (SIGKILL, lost host) stay RUNNING: the
+    worker that retries the trial ends them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from zsharp_sweeps.tracking import resolve_tracking_uri
+
+    tracking = section(cfg, "tracking")
+    if not tracking.enabled:
+        return
+    client = MlflowClient(resolve_tracking_uri(tracking))
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(f"tags.study_name = '{study_name}' and "
+                       f"tags.trial_number = '{trial_number}' and attributes.status = 'RUNNING'"),
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, "run_state", "KILLED")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning(f"MLflow run {run.info.run_id} of dead trial {trial_number}: ended KILLED")
 
 
 def _retry(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
@@ -173,15 +201,20 @@ class Worker:
 
     # ----- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Take trials until the study is full; returns what this worker did."""
+        """Take trials until the study is full; returns what this worker did (``stopped``:
+        the signal that ended it early, else None)."""
         self._pin_device()
         log.info(f"Worker {self.label} on {self.device} joined study {self.plan.study_name}")
         stopped = None
+        done = threading.Event()
+        # Optuna checks for stale trials only when a trial starts: this worker may be deep
+        # in a long trial when another host dies, so a thread looks every heartbeat too.
+        monitor = threading.Thread(target=self._watch_stale, args=(done,), daemon=True,
+                                   name="zsharp-stale-trials")
+        monitor.start()
         try:
             while True:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.fail_stale_trials(self.study)
+                self._fail_stale()
                 state = progress(self.study)
                 if state.done(self.plan.n_trials):
                     break
@@ -200,10 +233,25 @@ class Worker:
                     show_progress_bar=False,
                 )
         except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through the signal handler
-            stopped = type(exc).__name__
+            stopped = int(getattr(exc, "signum", signal.SIGINT))
             self._retry_interrupted()
+        finally:
+            done.set()
         return {"worker": self.label, "device": self.device, "trials": self.trials_run,
                 "stopped": stopped, "data_cache_hits": self.data_cache.hits}
+
+    def _fail_stale(self) -> None:
+        """Trials whose worker stopped beating: FAIL, and enqueue their retry."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
+
+    def _watch_stale(self, done: threading.Event) -> None:
+        while not done.wait(self.plan.heartbeat_interval):
+            try:
+                self._fail_stale()
+            except Exception as exc:  # a busy database: try again next beat
+                log.debug(f"stale-trial check failed: {exc!r}")
 
     def _pin_device(self) -> None:
         if self.device.startswith("cuda"):
@@ -251,6 +299,7 @@ class Worker:
         started = time.perf_counter()
         trial.set_user_attr("worker", {"host": self.host, "pid": os.getpid(),
                                        "index": self.index, "device": self.device})
+        trial.set_user_attr(INTERRUPTED_ATTR, False)  # a retry copies its original's attrs
         try:
             return self._run(trial, started)
         except KeyboardInterrupt:
@@ -265,34 +314,41 @@ class Worker:
             _retry(self.study, frozen, None)
 
     def _run(self, trial: optuna.Trial, started: float) -> float | tuple[float, ...]:
+        from zsharp_sweeps.config import validate
         from zsharp_sweeps.train import objective_values, record_rejected_trial, run_experiment
 
         params = {name: suggest(trial, name, dist) for name, dist in self.plan.space.items()}
         if self.plan.custom_search_space_extender is not None:
             self.plan.custom_search_space_extender(self.job_config, trial)
             params = dict(trial.params)
-        overrides = [*self.plan.fixed_overrides,
-                     *(f"{name}={override_value(v)}" for name, v in params.items())]
         out_dir = Path(self.plan.sweep_dir) / str(trial.number)
+        # Each trial checkpoints every epoch into its folder.
+        overrides = [*self.plan.fixed_overrides,
+                     *(f"{name}={override_value(v)}" for name, v in params.items()),
+                     f"trainer.checkpoint_dir={override_value(str(out_dir / 'checkpoints'))}"]
         run_name = trial_run_name(trial.number, params)
         tags = {"study_name": self.plan.study_name, "trial_number": str(trial.number),
                 "worker": self.label}
         retry_of = retried_from(self._frozen(trial.number))
         if retry_of is not None:
             tags["retry_of"] = str(retry_of)
-        cfg = self._compose(overrides, out_dir)
-        epoch_walls: list[float] = []
         context = TrialContext(
             trial=trial, n_objectives=len(self.plan.objectives), device=self.device,
             run_name=run_name, out_dir=out_dir, parent_run_id=self.plan.parent_run_id,
             tags=tags, data_cache=self.data_cache,
-            callbacks=[lambda epoch, m: epoch_walls.append(m.get("epoch_wall_s", 0.0))],
         )
+        epoch_walls: list[float] = []
+        context.callbacks.append(lambda epoch, m: epoch_walls.append(m.get("epoch_wall_s", 0.0)))
+        out_dir.mkdir(parents=True, exist_ok=True)
         with _trial_log(out_dir / "train.log"):
-            log.info(f"trial {trial.number} on {self.device}: {' '.join(overrides)}")
+            log.info(f"trial {trial.number} started on {self.device}: {run_name} "
+                     f"(overrides: {out_dir / '.hydra' / 'overrides.yaml'})")
+            if retry_of is not None:
+                overrides = self._resume_from(retry_of, overrides)
+            cfg = self._compose(overrides, out_dir)
+            if retry_of is not None:
+                close_stale_runs(cfg, self.plan.study_name, retry_of)
             try:
-                from zsharp_sweeps.config import validate
-
                 train_cfg = validate(cfg)
             except ConfigError as exc:
                 record_rejected_trial(cfg, overrides, exc, context)
@@ -306,6 +362,28 @@ class Worker:
                     trial.set_user_attr("wall_s", wall)
                     trial.set_user_attr("overhead_s", wall - sum(epoch_walls))
             return objective_values(train_cfg, summary)
+
+    def _resume_from(self, retry_of: int, overrides: list[str]) -> list[str]:
+        """A retry continues from the last checkpoint of the attempt it repeats (same
+        parameters), unless the sweep's settings changed since (then: from epoch 1)."""
+        from hydra import compose
+
+        from zsharp_sweeps.checkpoint import prepare_resume
+        from zsharp_sweeps.config import validate
+
+        previous = Path(self.plan.sweep_dir) / str(retry_of) / "checkpoints"
+        if not previous.is_dir():
+            return overrides
+        candidate = [*overrides, f"trainer.resume={override_value(str(previous))}"]
+        try:
+            train_cfg = validate(compose(config_name=self.plan.config_name,
+                                         overrides=candidate))
+            resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
+            prepare_resume(train_cfg, resolved)
+        except ConfigError as exc:
+            log.warning(f"Retry of trial {retry_of} starts at epoch 1: {exc}")
+            return overrides
+        return candidate
 
     def _compose(self, overrides: list[str], out_dir: Path) -> DictConfig:
         """The trial's config, as Hydra would compose it for a job with these overrides;
@@ -330,6 +408,8 @@ def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
         index = int(HydraConfig.get().job.num)
     except ValueError:  # called outside a Hydra job (tests): one worker
         index = 0
-    with watchdog(plan.stop_file, plan.main_pid), sigterm_as_interrupt():
+    # Our own "trial N complete: ..." lines say what Optuna's INFO lines say, per worker.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with watchdog(plan.stop_file, plan.main_pid, plan.main_host or None), sigterm_as_interrupt():
         worker = Worker(plan, index, job_config=cfg)
         return worker.run()

@@ -1,0 +1,155 @@
+"""A sweep survives what happens to processes: SIGTERM and Ctrl-C of the sweep, SIGKILL of
+the sweep's main process, SIGKILL of one worker. Nothing stays RUNNING, nothing runs twice,
+interrupted trials FAIL and are retried (from their last checkpoint), MLflow runs end
+KILLED. Every test drives the real ``--multirun`` entry point."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from zsharp_sweeps.sweep.progress import INTERRUPTED_ATTR, counts_toward_study, retried_numbers
+
+from .sweep_helpers import (
+    load_study,
+    make_mlflow_template,
+    mlflow_runs,
+    pid_alive,
+    run_sweep,
+    running_trials_with_reports,
+    seed_mlflow_store,
+    start_sweep,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+# Trials long enough to be caught mid-training (an epoch of this MLP takes ~0.1 s).
+LONG = ("trainer.epochs=40", "hydra.sweeper.heartbeat_interval=1",
+        "hydra.sweeper.grace_period=4")
+
+
+@pytest.fixture(scope="module")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_mlflow_template(tmp_path_factory.mktemp("mlflow-template"))
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, mlflow_template: Path) -> Path:
+    seed_mlflow_store(mlflow_template, tmp_path)
+    return tmp_path
+
+
+def _worker_pids(cwd: Path) -> set[int]:
+    return {t.user_attrs["worker"]["pid"] for t in load_study(cwd).get_trials()
+            if "worker" in t.user_attrs}
+
+
+def _assert_interrupted_cleanly(cwd: Path) -> list:
+    """Every trial is COMPLETE, or FAIL + interrupted with a WAITING retry of its params;
+    no trial and no MLflow run is left RUNNING."""
+    trials = load_study(cwd).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    interrupted = [t for t in trials if t.state == TrialState.FAIL]
+    assert interrupted, "the signal should have caught a trial mid-training"
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    for trial in interrupted:
+        assert trial.user_attrs[INTERRUPTED_ATTR] is True
+        assert any(w.params == trial.params for w in waiting)
+    _, parents, children = mlflow_runs(cwd)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert "RUNNING" not in {c.info.status for c in children}
+    killed = {c.data.tags["trial_number"] for c in children if c.info.status == "KILLED"}
+    assert {str(t.number) for t in interrupted} <= killed
+    return interrupted
+
+
+def _resume_completes(cwd: Path, n_trials: int, *extra: str) -> None:
+    run_sweep(cwd, f"hydra.sweeper.n_trials={n_trials}", "trainer.epochs=2", *extra)
+    trials = load_study(cwd).get_trials()
+    retried = retried_numbers(trials)
+    counted = [t for t in trials if counts_toward_study(t, retried)]
+    assert len(counted) == n_trials
+    assert all(t.state == TrialState.COMPLETE for t in counted)
+
+
+def test_sigterm_stops_workers_cleanly_and_resume_retries(cwd: Path) -> None:
+    proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *LONG)
+    wait_for(lambda: len(running_trials_with_reports(cwd)) == 2, 180,
+             "both workers training", proc)
+    pids = _worker_pids(cwd)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in pids:  # the workers ended with the sweep
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"worker {pid} to exit")
+    _assert_interrupted_cleanly(cwd)
+    # The retries run and the study completes with exactly n_trials that count; the
+    # trials' MLflow runs link the attempts they repeat.
+    _resume_completes(cwd, 4, "hydra.sweeper.n_jobs=2")
+    _, _, children = mlflow_runs(cwd)
+    assert any("retry_of" in c.data.tags for c in children if c.info.status == "FINISHED")
+
+
+def test_ctrl_c_of_an_in_process_sweep_fails_the_trial_and_kills_the_run(cwd: Path) -> None:
+    proc = start_sweep(cwd, "hydra.sweeper.n_trials=2", *LONG)  # n_jobs=1: in-process
+    wait_for(lambda: running_trials_with_reports(cwd), 180, "a trial training", proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    _assert_interrupted_cleanly(cwd)
+
+
+def test_sigkill_of_the_main_process_leaves_no_worker_running(cwd: Path) -> None:
+    proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *LONG)
+    wait_for(lambda: len(running_trials_with_reports(cwd)) == 2, 180,
+             "both workers training", proc)
+    pids = _worker_pids(cwd)
+    proc.kill()
+    proc.wait(timeout=10)
+    for pid in pids:
+        wait_for(lambda pid=pid: not pid_alive(pid), 15, f"orphaned worker {pid} to exit")
+    # The workers recorded their trials FAIL (retried) and their runs KILLED; only the
+    # parent run, whose process got no chance, is left for the resume to reopen.
+    trials = load_study(cwd).get_trials()
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert not [t for t in trials if t.state == TrialState.COMPLETE]
+    _, _, children = mlflow_runs(cwd)
+    assert children and {c.info.status for c in children} == {"KILLED"}
+    _resume_completes(cwd, 4, "hydra.sweeper.n_jobs=2")
+
+
+def test_a_killed_worker_is_noticed_by_the_heartbeat_and_its_trial_retried(cwd: Path) -> None:
+    proc = start_sweep(cwd, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", *LONG)
+    running = wait_for(lambda: running_trials_with_reports(cwd), 180, "a trial training", proc)
+    victim = running[0]
+    killed_at = time.monotonic()
+    os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+    # The survivor fails the stale trial after the grace period and retries it.
+    wait_for(lambda: load_study(cwd).trials[victim.number].state == TrialState.FAIL, 60,
+             "the dead worker's trial to become FAIL")
+    # Noticed by the grace period (4 s), give or take a heartbeat poll on a busy machine.
+    assert time.monotonic() - killed_at < 30
+    assert proc.wait(timeout=300) == 0, (cwd / "sweep.log").read_text()[-4000:]
+
+    trials = load_study(cwd).get_trials()
+    retried = retried_numbers(trials)
+    assert victim.number in retried
+    counted = [t for t in trials if counts_toward_study(t, retried)]
+    assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
+    retry = next(t for t in counted if t.params == victim.params and t.number != victim.number)
+    _, _, children = mlflow_runs(cwd)
+    status = {c.data.tags["trial_number"]: c for c in children}
+    assert status[str(victim.number)].info.status == "KILLED"  # not RUNNING forever
+    resumed = status[str(retry.number)]
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["retry_of"] == str(victim.number)
+    # It resumed from the killed attempt's checkpoint: no epoch trained twice, and its run
+    # holds the whole curve.
+    assert resumed.data.tags.get("resumed_from") == status[str(victim.number)].info.run_id
+    client, _, _ = mlflow_runs(cwd)
+    steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_acc")]
+    assert sorted(steps) == list(range(1, 41))

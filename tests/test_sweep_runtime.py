@@ -1,0 +1,202 @@
+"""The sweep runtime's pieces, in-process and fast: per-trial seeds, which trials count, the
+surplus guard, the stop file and watchdog, a worker that keeps its data warm."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from hydra import initialize_config_dir
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from zsharp_sweeps.config import StudyConfig
+from zsharp_sweeps.sweep import build_pruner
+from zsharp_sweeps.sweep.lifecycle import StopRequest
+from zsharp_sweeps.sweep.progress import (
+    INTERRUPTED_ATTR,
+    SURPLUS_ATTR,
+    is_surplus,
+    progress,
+)
+from zsharp_sweeps.sweep.sampling import (
+    TrialSeededSampler,
+    derive_seed,
+    override_value,
+    sampler_factory,
+)
+from zsharp_sweeps.sweep.worker import SweepPlan, Worker, _retry, trial_run_name
+
+from .conftest import CONF_DIR, REPO
+
+SPACE = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(1e-3, 1.0, log=True)}
+TPE = {"_target_": "optuna.samplers.TPESampler", "seed": 0, "n_startup_trials": 3}
+
+
+def _sampled(study: optuna.Study, n: int) -> list[tuple[float, float]]:
+    for _ in range(n):
+        trial = study.ask(SPACE)
+        study.tell(trial, trial.params["x"] + trial.params["y"])
+    return [(t.params["x"], t.params["y"]) for t in study.trials]
+
+
+def _seeded_study(storage=None, name: str = "s") -> optuna.Study:
+    sampler = TrialSeededSampler(sampler_factory(TPE, None), study_seed=0)
+    return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                               direction="maximize", load_if_exists=True)
+
+
+def test_derived_seeds_are_stable_and_distinct() -> None:
+    assert derive_seed(0, 3) == derive_seed(0, 3)
+    seeds = {derive_seed(0, n) for n in range(1000)}
+    assert len(seeds) == 1000 and all(0 <= s < 2**31 for s in seeds)
+    assert derive_seed(1, 3) != derive_seed(0, 3)
+
+
+def test_a_seeded_study_is_reproducible_and_resumes_without_repeats(tmp_path: Path) -> None:
+    first = _sampled(_seeded_study(), 6)
+    assert _sampled(_seeded_study(), 6) == first  # same seed, same study
+    assert len(set(first)) == 6
+
+    # Resuming in a new process (a new sampler object on the same storage) continues the
+    # sequence: trial 4 is not trial 0 again, which a once-per-process seed would give.
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    _sampled(_seeded_study(storage), 4)
+    resumed = _sampled(_seeded_study(storage), 2)
+    assert len(set(resumed)) == 6
+    assert resumed == first  # and it is exactly the uninterrupted study
+
+
+def test_qmc_keeps_one_sequence_for_the_study() -> None:
+    conf = {"_target_": "optuna.samplers.QMCSampler", "seed": 0}
+    sampler = TrialSeededSampler(sampler_factory(conf, None), study_seed=0)
+    assert sampler.inner_name == "QMCSampler"
+    study = optuna.create_study(sampler=sampler)
+    assert len(set(_sampled(study, 4))) == 4
+
+
+def test_grid_sampler_gets_its_grid() -> None:
+    conf = {"_target_": "optuna.samplers.GridSampler", "_partial_": True, "seed": 0}
+    sampler = TrialSeededSampler(sampler_factory(conf, {"c": [1, 2, 3]}), study_seed=0)
+    study = optuna.create_study(sampler=sampler)
+    study.optimize(lambda t: t.suggest_categorical("c", [1, 2, 3]), n_trials=3)
+    assert sorted(t.params["c"] for t in study.trials) == [1, 2, 3]
+
+
+def _add(study: optuna.Study, state: TrialState, x: float, **attrs) -> None:
+    study.add_trial(create_trial(
+        state=state, params={"x": x}, distributions={"x": SPACE["x"]},
+        value=x if state == TrialState.COMPLETE else None, user_attrs=attrs,
+    ))
+
+
+def test_progress_counts_retries_once_and_ignores_surplus() -> None:
+    study = optuna.create_study()
+    _add(study, TrialState.COMPLETE, 0.1)
+    _add(study, TrialState.FAIL, 0.2)                       # a real failure: counts
+    _add(study, TrialState.FAIL, 0.3, **{INTERRUPTED_ATTR: True})
+    _retry(study, study.trials[2], None)                     # its retry, WAITING
+    _add(study, TrialState.PRUNED, 0.4)
+    _add(study, TrialState.FAIL, 0.5, **{SURPLUS_ATTR: True})
+    state = progress(study)
+    assert (state.complete, state.failed, state.pruned, state.running, state.waiting) == (
+        1, 1, 1, 0, 1)
+    assert state.finished == 3 and not state.done(4)
+    assert state.has_work(3)  # the WAITING retry is work even when the places are taken
+    assert state.failure_rate() == pytest.approx(1 / 3)
+
+
+def test_only_one_of_the_workers_racing_for_the_last_place_wins() -> None:
+    study = optuna.create_study()
+    _add(study, TrialState.COMPLETE, 0.1)
+    a, b = study.ask(), study.ask()  # two workers asked at once; one place is left
+    assert not is_surplus(study, a.number, n_trials=2)
+    assert is_surplus(study, b.number, n_trials=2)
+
+
+def test_build_pruner_by_name_and_path() -> None:
+    assert isinstance(build_pruner(StudyConfig(pruner="median")), optuna.pruners.MedianPruner)
+    assert isinstance(build_pruner(StudyConfig(pruner="hyperband")),
+                      optuna.pruners.HyperbandPruner)
+    assert isinstance(build_pruner(StudyConfig(pruner="none")), optuna.pruners.NopPruner)
+    custom = build_pruner(StudyConfig(pruner="tests.sweep_helpers.AlwaysPrune"))
+    assert type(custom).__name__ == "AlwaysPrune"
+
+
+def test_trial_names_and_override_values() -> None:
+    assert trial_run_name(7, {"optimizer.lr": 0.041234, "+tracking.tags.w": "a",
+                              "trainer.epochs": 3}) == "t7 lr=0.0412 w=a epochs=3"
+    assert override_value("plain") == "plain"
+    assert override_value("has space") == "'has space'"
+    assert override_value("it's") == "'it\\'s'"
+    assert override_value(None) == "null" and override_value(True) == "true"
+    assert override_value(0.5) == "0.5"
+
+
+def test_stop_request_writes_the_stop_file_and_exit_code(tmp_path: Path) -> None:
+    stop = StopRequest(tmp_path / "stop")
+    with stop.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert (tmp_path / "stop").exists()
+        assert stop.exit_code == 128 + signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):  # a second signal stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert not (tmp_path / "stop").exists()
+    assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_watchdog_turns_the_stop_file_into_sigterm(tmp_path: Path) -> None:
+    code = (
+        "import sys, time\n"
+        "from zsharp_sweeps.signals import Terminated, sigterm_as_interrupt\n"
+        "from zsharp_sweeps.sweep.lifecycle import watchdog\n"
+        f"with sigterm_as_interrupt(), watchdog({str(tmp_path / 'stop')!r}, main_pid=-1):\n"
+        "    print('ready', flush=True)\n"
+        "    try:\n"
+        "        time.sleep(60)\n"
+        "    except Terminated:\n"
+        "        print('terminated', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "ready"
+    (tmp_path / "stop").touch()
+    out, _ = proc.communicate(timeout=20)
+    assert out.strip() == "terminated" and proc.returncode == 0
+
+
+def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="w", storage=storage, direction="maximize")
+    plan = SweepPlan(
+        study_name="w", storage=storage, n_trials=3, max_failure_rate=0.0,
+        space={"optimizer.lr": CategoricalDistribution([0.05, 0.1])},
+        fixed_overrides=["data=digits", "hardware=cpu", "model=mlp", "model.params.hidden=16",
+                         "trainer.epochs=1", "trainer.progress=false", "tracking=off",
+                         "sharpness=none"],
+        make_sampler=functools.partial(optuna.samplers.RandomSampler),
+        sampler_seed=0, study=StudyConfig(), objectives=["best_val_acc"],
+        config_name="config", sweep_dir=str(tmp_path / "sweep"), devices=["cpu:0", "cpu:1"],
+        trials_per_device=1, main_pid=os.getpid(), stop_file=str(tmp_path / "stop"),
+    )
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        summary = Worker(plan, index=1).run()
+    assert summary == {"worker": summary["worker"], "device": "cpu:1", "trials": 3,
+                       "stopped": None, "data_cache_hits": 2}
+    study = optuna.load_study(study_name="w", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
+    assert {t.user_attrs["worker"]["device"] for t in study.trials} == {"cpu:1"}
+    for trial in study.trials:
+        folder = tmp_path / "sweep" / str(trial.number)
+        assert (folder / ".hydra" / "config.yaml").is_file()
+        assert f"optimizer.lr={trial.params['optimizer.lr']}" in (
+            folder / ".hydra" / "overrides.yaml").read_text()
