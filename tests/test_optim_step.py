@@ -138,7 +138,8 @@ def test_grad_clip_bounds_the_descent_gradient() -> None:
 # ["found_inf_per_device"]``, ``_scale``) and calls ``torch._amp_foreach_non_finite_check_and_
 # unscale_`` to unscale SAM's second pass into the first pass's found-inf record. That was
 # checked against torch/amp/grad_scaler.py of 2.14 and run (the fp16 tests above) on 2.14.1
-# (CPU) and 2.11.0 (the H100 image); the names are those of torch.amp.GradScaler since 2.3.
+# (CPU) and 2.11.0 (the GPU image, run on an H200); the names are those of torch.amp.GradScaler
+# since 2.3.
 # The range is pyproject's pin: widen both only after re-checking.
 GRADSCALER_CHECKED = ((2, 4), (2, 15))  # lower bound included, upper excluded
 
