@@ -53,6 +53,8 @@ sweep:
 
 ui:
 	@mkdir -p mlruns
+	@# MLflow 3.17's UI opens on its GenAI (traces) view unless the link asks for runs tables.
+	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --port 5000
 
 bench:

@@ -11,6 +11,7 @@ and ``resume`` continues from such a checkpoint at the next epoch, with the same
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,11 +26,14 @@ from zsharp_sweeps.build import AMP_DTYPES, build_step, to_memory_format
 from zsharp_sweeps.checkpoint import Checkpointer, TrainingState, restore
 from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import TrainConfig
+from zsharp_sweeps.console import epoch_line, show_progress_bars
 from zsharp_sweeps.schedule import build_scheduler
 
 __all__ = ["AMP_DTYPES", "EpochCallback", "FitResult", "NonFiniteLossError", "evaluate", "fit"]
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -113,9 +117,10 @@ def fit(
         (h["val_acc"] for h in result.history if math.isfinite(h.get("val_acc", math.nan))),
         default=-math.inf,
     )
+    bars = show_progress_bars(tcfg.progress)  # off a terminal: one log line per epoch
     epochs = tqdm(
         range(start_epoch, tcfg.epochs + 1), desc="epochs", unit="ep",
-        disable=not tcfg.progress, leave=True, dynamic_ncols=True, initial=start_epoch - 1,
+        disable=not bars, leave=True, dynamic_ncols=True, initial=start_epoch - 1,
         total=tcfg.epochs,
     )
     set_epoch = getattr(data.train, "set_epoch", None)
@@ -133,7 +138,7 @@ def fit(
         seen = 0
         bar = tqdm(
             total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
-            disable=not tcfg.progress, dynamic_ncols=True,
+            disable=not bars, dynamic_ncols=True,
         )
         # The first steps of a run (loader, step, metric kernels used for the first time, CUDA
         # graph warm-up and capture) hold the process-wide lock: see zsharp_sweeps.concurrency.
@@ -187,6 +192,8 @@ def fit(
         epochs.set_postfix(
             {k: f"{metrics[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in metrics}
         )
+        if tcfg.progress and not bars:
+            log.info(epoch_line(epoch, tcfg.epochs, metrics))
         for callback in on_epoch_end:
             callback(epoch, metrics)
         if checkpointer is not None:

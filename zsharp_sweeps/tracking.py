@@ -18,11 +18,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from zsharp_sweeps.config import TrackingConfig
+from zsharp_sweeps.config import ConfigError, TrackingConfig
 from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock
 from zsharp_sweeps.uris import sqlite_path, sqlite_url
 
 DEFAULT_STORE_DIR = "mlruns"
+#: Tags every experiment gets. MLflow 3's UI opens an experiment without a kind on its
+#: (empty) GenAI traces page; this kind opens it on the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
@@ -35,6 +38,97 @@ def default_tracking_uri(base_dir: str | os.PathLike | None = None) -> str:
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or default_tracking_uri()
+
+
+def tracking_uri_setting(cfg: TrackingConfig) -> str:
+    """Where ``resolve_tracking_uri(cfg)`` comes from, as an error message names it."""
+    if cfg.uri:
+        return "tracking.uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI"
+    return "tracking.uri (unset: the default)"
+
+
+#: What ``MLFLOW_TRACKING_URI`` / ``tracking.uri`` may be (said in every refusal).
+ALLOWED_TRACKING_URIS = (
+    "sqlite:///<path>.db (a writable directory), postgresql://, mysql:// or mssql:// with "
+    "their Python driver installed, http(s)://<host>:<port> of a running MLflow server, "
+    "databricks (unset, it is sqlite:///<cwd>/mlruns/mlflow.db)"
+)
+#: Seconds to wait for an HTTP tracking server before refusing it (MLflow itself retries
+#: for minutes before its first error).
+HTTP_PROBE_TIMEOUT_S = 3.0
+_NO_PROBE_SCHEMES = ("databricks", "databricks-uc", "uc")
+
+
+def _uri_setting(uri: str) -> str:
+    """Which setting a URI came from, for the error message."""
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") == uri else "tracking.uri"
+
+
+def check_tracking_uri(uri: str, setting: str | None = None) -> None:
+    """Refuse a tracking URI MLflow could not use, before anything is created.
+
+    Raises ``ConfigError`` with one line naming ``setting`` (by default
+    ``MLFLOW_TRACKING_URI`` when the URI is that variable's value, else ``tracking.uri``)
+    and what is allowed, for: an unknown scheme, a database URL whose Python driver is not
+    installed, a SQLite file in a directory that cannot be written (or a damaged database),
+    an HTTP server that does not answer within ``HTTP_PROBE_TIMEOUT_S`` seconds, and the
+    file store (``./mlruns`` paths), which MLflow 3 refuses unless
+    ``MLFLOW_ALLOW_FILE_STORE=true``. Single runs call it when their ``Tracker`` is built;
+    the sweeper calls it before it creates its study.
+    """
+    from urllib.parse import urlparse
+
+    from zsharp_sweeps.dburl import check_rdb_url, directory_problem, rdb_dialect
+
+    setting = setting or _uri_setting(uri)
+    scheme = urlparse(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
+    if uri in _NO_PROBE_SCHEMES or scheme in _NO_PROBE_SCHEMES:
+        return  # credentials live in the profile; MLflow reports its own errors there
+    if rdb_dialect(uri) is not None:
+        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS)
+    elif scheme in ("http", "https"):
+        _probe_http(uri, setting)
+    elif scheme in ("", "file"):
+        allow = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true", "yes")
+        if not allow:
+            raise ConfigError(
+                f"{setting}={uri!r} is a file store, which MLflow 3 refuses (maintenance mode): "
+                f"allowed {ALLOWED_TRACKING_URIS} (or set MLFLOW_ALLOW_FILE_STORE=true)."
+            )
+        path = Path(urlparse(uri).path if scheme == "file" else uri)
+        problem = directory_problem(path)
+        if problem is not None:
+            raise ConfigError(
+                f"{setting}={uri!r} is unusable: {problem}. Allowed: {ALLOWED_TRACKING_URIS}."
+            )
+    else:
+        raise ConfigError(
+            f"{setting}={uri!r} is invalid: unknown scheme {scheme + '://'!r}; allowed "
+            f"{ALLOWED_TRACKING_URIS}."
+        )
+
+
+def _probe_http(uri: str, setting: str) -> None:
+    """Any HTTP answer from ``uri`` (even 401/404) means a server is there; no answer within
+    ``HTTP_PROBE_TIMEOUT_S`` seconds, a refused connection or an unknown host is refused."""
+    import urllib.error
+    import urllib.request
+
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_PROBE_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ConfigError(
+            f"{setting}={uri!r} does not answer ({reason}; waited at most "
+            f"{HTTP_PROBE_TIMEOUT_S:g} s for {url}): start the MLflow server (mlflow server "
+            f"--host ... --port ...) or allowed {ALLOWED_TRACKING_URIS}."
+        ) from None
 
 
 def _artifact_root_for(uri: str) -> str | None:
@@ -56,8 +150,8 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def override_param_key(override_key: str) -> str:
-    """A Hydra override key as an MLflow param name: ``+sweep`` -> ``sweep``; MLflow allows
-    only alphanumerics, ``_-. :/`` in names."""
+    """Any key as an MLflow param/metric/tag name: ``+sweep`` -> ``sweep``; MLflow allows
+    only alphanumerics, ``_-. :/`` in names. Every key the Tracker writes goes through it."""
     return re.sub(r"[^\w\-. :/]", "_", override_key.lstrip("+~"))
 
 
@@ -107,6 +201,8 @@ class Tracker:
             from mlflow.tracking import MlflowClient
 
             self.uri = resolve_tracking_uri(cfg)
+            # One clear line instead of MLflow's traceback, before anything is created.
+            check_tracking_uri(self.uri, tracking_uri_setting(cfg))
             mlflow.set_tracking_uri(self.uri)
             with sqlite_init_lock(self.uri):  # first use creates/migrates the schema
                 self._client = MlflowClient(self.uri)
@@ -117,18 +213,22 @@ class Tracker:
         return self._client is not None
 
     def _get_or_create_experiment(self, name: str) -> str:
+        """The experiment's id; created with (or given, if made elsewhere) the kind tag."""
         exp = self._client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self._client.create_experiment(
-                name, artifact_location=_artifact_root_for(self.uri)
-            )
-        except Exception:  # another process created it first
-            exp = self._client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+        if exp is None:
+            try:
+                return self._client.create_experiment(
+                    name, artifact_location=_artifact_root_for(self.uri),
+                    tags=EXPERIMENT_TAGS,
+                )
+            except Exception:  # another process created it first
+                exp = self._client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        for key, value in EXPERIMENT_TAGS.items():
+            if exp.tags.get(key) is None:
+                self._client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
 
     @contextlib.contextmanager
     def run(
@@ -138,11 +238,14 @@ class Tracker:
         parent_run_id: str | None = None,
         resume_run_id: str | None = None,
     ) -> Iterator[Tracker]:
-        """Open a run; it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C.
+        """Open a run; it ends FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM.
 
         The tag ``run_state`` says COMPLETE, FAILED, KILLED or, for an exception class that
         defines ``run_state``/``mlflow_status`` (a pruned trial), PRUNED with status KILLED.
-        The exception is re-raised.
+        SIGTERM reaches here as ``zsharp_sweeps.signals.Terminated`` (a KeyboardInterrupt)
+        inside ``sigterm_as_interrupt()``; the tag ``killed_by`` names the signal. What was
+        logged before stays (every log call is written through at once). The exception is
+        re-raised.
         """
         if not self.enabled:
             yield self
@@ -164,8 +267,10 @@ class Tracker:
         status, state = "FINISHED", "COMPLETE"
         try:
             yield self
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             status, state = "KILLED", "KILLED"
+            with contextlib.suppress(BaseException):
+                self.set_tags({"killed_by": str(exc) or "KeyboardInterrupt"})
             raise
         except BaseException as exc:
             status = getattr(exc, "mlflow_status", "FAILED")
@@ -174,9 +279,18 @@ class Tracker:
                 self.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
             raise
         finally:
-            with contextlib.suppress(Exception):
-                self.set_tags({"run_state": state})
-            _retry(self._client.set_terminated, self.run_id, status=status)
+            self._end_run(status, state)
+
+    def _end_run(self, status: str, state: str) -> None:
+        """Record the end state even if a second signal interrupts the first attempt."""
+        for _ in range(3):
+            try:
+                with contextlib.suppress(Exception):
+                    self.set_tags({"run_state": state})
+                _retry(self._client.set_terminated, self.run_id, status=status)
+                return
+            except KeyboardInterrupt:  # another Ctrl-C/SIGTERM while ending: try again
+                continue
 
     def _reopen(self, run_id: str, tags: Mapping[str, str]):
         """The existing, not deleted run ``run_id``, set RUNNING again with ``tags`` added;
@@ -194,12 +308,29 @@ class Tracker:
         self.set_tags(tags)
         return run
 
+    # A sweep's parent run spans the whole sweep (and its resumes), not one ``with`` block.
+    def start(self, run_name: str, tags: Mapping[str, str]) -> str:
+        """Create a run that ``end`` closes; returns its id."""
+        run = _retry(self._client.create_run, self.experiment_id, run_name=run_name,
+                     tags={**tags, **self.cfg.tags})
+        self.run_id = run.info.run_id
+        return self.run_id
+
+    def reopen(self, run_id: str) -> bool:
+        """Continue the existing run ``run_id`` (set RUNNING again); False if it is gone."""
+        return self._reopen(run_id, {}) is not None
+
+    def end(self, status: str) -> None:
+        """Close the run opened by ``start``/``reopen`` with MLflow ``status``."""
+        state = {"FINISHED": "COMPLETE"}.get(status, status)
+        self._end_run(status, state)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(override_param_key(k), str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             _retry(self._client.log_batch, self.run_id, params=items[start : start + 100])
 
@@ -209,7 +340,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(override_param_key(k), float(v), now, step) for k, v in metrics.items()]
         _retry(self._client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -217,7 +348,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(override_param_key(k), str(v)) for k, v in tags.items()]
         _retry(self._client.log_batch, self.run_id, tags=items)
 
     def log_text(self, text: str, artifact_file: str) -> None:

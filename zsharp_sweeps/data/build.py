@@ -28,10 +28,16 @@ from zsharp_sweeps.data.loaders import (
     TorchEvalLoader,
     TorchTrainLoader,
 )
-from zsharp_sweeps.data.sources import RawData, load_digits, load_files, synthetic
+from zsharp_sweeps.data.sources import (
+    RawData,
+    ensure_files,
+    load_digits,
+    load_files,
+    synthetic,
+)
 from zsharp_sweeps.data.specs import DatasetSpec, get_spec
 
-__all__ = ["DataBundle", "build_data", "stratified_split", "resize_images"]
+__all__ = ["DataBundle", "build_data", "ensure_available", "stratified_split", "resize_images"]
 
 TrainLoader = DeviceTrainLoader | TorchTrainLoader
 EvalLoader = DeviceEvalLoader | TorchEvalLoader
@@ -133,6 +139,17 @@ class DataBundle:
             (x[i * batch_size : (i + 1) * batch_size], y[i * batch_size : (i + 1) * batch_size])
             for i in range(num_batches)
         ]
+
+
+def ensure_available(cfg: DataConfig) -> None:
+    """Have the files of ``cfg``'s dataset on disk (downloading them if allowed) or raise
+    ``DatasetUnavailableError`` with one line naming the URL and the path to put them at.
+
+    The trainer calls this before it opens an MLflow run: a dataset that cannot be had
+    then leaves no FAILED run behind. Embedded and generated data need nothing.
+    """
+    if cfg.name not in ("digits", "synthetic"):
+        ensure_files(cfg.name, cfg.root, cfg.download)
 
 
 def _load_raw(cfg: DataConfig) -> tuple[DatasetSpec, RawData]:

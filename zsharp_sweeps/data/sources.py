@@ -15,10 +15,12 @@ type (uint8, or float32 for the 0..16 scikit-learn digits) and int64 labels, on 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pickle
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,8 @@ from zsharp_sweeps.data.augment import mix_seed
 from zsharp_sweeps.data.specs import DatasetSpec, get_spec
 
 __all__ = [
-    "DatasetUnavailableError", "RawData", "load_files", "load_digits", "read_idx", "synthetic",
+    "DataFileError", "DatasetUnavailableError", "RawData", "check_split", "ensure_files",
+    "load_files", "load_digits", "read_idx", "synthetic",
 ]
 
 
@@ -39,6 +42,16 @@ class DatasetUnavailableError(RuntimeError):
     """The dataset's files are missing (or unreadable) and could not be downloaded.
 
     The message names the URL to fetch and the exact path the files must end up at.
+    """
+
+
+class DataFileError(DatasetUnavailableError):
+    """A dataset file is readable but its contents do not fit: counts of images and labels
+    differ, an image has the wrong shape, a label is outside 0..num_classes-1.
+
+    The message names the file(s) and the mismatch. Why refuse rather than trim: an MNIST
+    pair with 600 images and 300 labels used to train silently on 300, and a label of 207
+    crashed the first step with ``Target 207 is out of bounds``, naming no file.
     """
 
 
@@ -53,6 +66,40 @@ class RawData:
 
 
 # ---------------------------------------------------------------------------------------------
+# The one check every source's images and labels pass
+# ---------------------------------------------------------------------------------------------
+
+
+def check_split(images: Tensor, labels: Tensor, spec: DatasetSpec, source: str) -> None:
+    """Images (N, C, H, W) of ``spec``'s shape, N labels, every label in 0..num_classes-1.
+
+    ``source`` names where they came from (a file, or an images file and its labels file);
+    a mismatch raises :class:`DataFileError` naming it. Every reader calls this for each
+    file (or pair) it reads, so a bad file is named rather than the concatenation.
+    """
+    expected = (spec.in_channels, spec.image_size, spec.image_size)
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise DataFileError(
+            f"{source}: images have shape {tuple(images.shape[1:])}, expected {expected} "
+            f"(channels, height, width) for {spec.name}"
+        )
+    if labels.dim() != 1 or labels.numel() != images.shape[0]:
+        raise DataFileError(
+            f"{source}: {images.shape[0]} images but {labels.numel()} labels; each image "
+            "needs exactly one label (a truncated file, or files of different downloads?)"
+        )
+    if labels.numel() == 0:
+        raise DataFileError(f"{source}: holds no images")
+    bad = (labels < 0) | (labels >= spec.num_classes)
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise DataFileError(
+            f"{source}: label {int(labels[index])} (of image {index}) is outside 0.."
+            f"{spec.num_classes - 1}: {spec.name} has {spec.num_classes} classes"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
 # Format readers
 # ---------------------------------------------------------------------------------------------
 
@@ -63,15 +110,29 @@ def _pickle_field(d: dict, key: str) -> object:
     return d[key] if key in d else d[key.encode()]
 
 
-def read_cifar_batches(paths: Sequence[Path], label_key: str) -> tuple[Tensor, Tensor]:
-    """CIFAR python-format batches: dict with ``data`` (N, 3072) uint8, row-major RGB planes."""
+def read_cifar_batches(
+    paths: Sequence[Path], label_key: str, spec: DatasetSpec | None = None
+) -> tuple[Tensor, Tensor]:
+    """CIFAR python-format batches: dict with ``data`` (N, 3072) uint8, row-major RGB planes.
+
+    With ``spec``, each file is checked (``check_split``) before the batches are joined.
+    """
     xs, ys = [], []
     for path in paths:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="latin1")
-        xs.append(np.asarray(_pickle_field(d, "data"), dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(_pickle_field(d, label_key), dtype=np.int64))
-    return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+        data = np.asarray(_pickle_field(d, "data"), dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataFileError(
+                f"{path}: 'data' has shape {data.shape}, expected (N, 3072) (32x32 RGB rows)"
+            )
+        x = torch.from_numpy(data.reshape(-1, 3, 32, 32))
+        y = torch.from_numpy(np.asarray(_pickle_field(d, label_key), dtype=np.int64).reshape(-1))
+        if spec is not None:
+            check_split(x, y, spec, str(path))
+        xs.append(x)
+        ys.append(y)
+    return torch.cat(xs), torch.cat(ys)
 
 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -154,16 +215,30 @@ def read_tiny_imagenet(base: Path) -> RawData:
         train_labels += [index[w]] * len(files)
     test_paths: list[Path] = []
     test_labels: list[int] = []
-    for line in (base / "val" / "val_annotations.txt").read_text().splitlines():
+    annotations = base / "val" / "val_annotations.txt"
+    for number, line in enumerate(annotations.read_text().splitlines(), start=1):
         parts = line.split("\t")
         if len(parts) >= 2:
+            if parts[1] not in index:
+                raise DataFileError(
+                    f"{annotations}, line {number}: class {parts[1]!r} is not in "
+                    f"{base / 'wnids.txt'} ({len(wnids)} classes)"
+                )
             test_paths.append(base / "val" / "images" / parts[0])
             test_labels.append(index[parts[1]])
-    size = get_spec("tiny_imagenet").image_size
-    return RawData(
-        _decode_all(train_paths, size), torch.tensor(train_labels, dtype=torch.int64),
-        _decode_all(test_paths, size), torch.tensor(test_labels, dtype=torch.int64),
+    spec = get_spec("tiny_imagenet")
+    if len(wnids) > spec.num_classes:
+        raise DataFileError(
+            f"{base / 'wnids.txt'}: {len(wnids)} classes, but tiny_imagenet has "
+            f"{spec.num_classes}"
+        )
+    raw = RawData(
+        _decode_all(train_paths, spec.image_size), torch.tensor(train_labels, dtype=torch.int64),
+        _decode_all(test_paths, spec.image_size), torch.tensor(test_labels, dtype=torch.int64),
     )
+    check_split(raw.train_x, raw.train_y, spec, str(base / "train"))
+    check_split(raw.test_x, raw.test_y, spec, str(annotations))
+    return raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,33 +277,81 @@ def _required(name: str, root: Path) -> list[Path]:
     raise ValueError(f"{name} has no files on disk")
 
 
-def _how_to_place(name: str, root: Path) -> str:
-    """Human instructions: what to download and exactly where to put it."""
+def _how_to_place(name: str, root: Path, download: bool = True) -> str:
+    """Human instructions: what to download and exactly where to put it.
+
+    ``download`` is the run's ``data.download``: the advice to set it is given only when it
+    is off (it is on by default, and telling a user to set it then misleads).
+    """
     spec = get_spec(name)
+    elsewhere = " Or set data.root to a folder that already holds the files."
     if name in ("cifar10", "cifar100"):
         archive = spec.url.rsplit("/", 1)[1]
         folder = _required(name, root)[0].parent
+        enable = "" if download else " with data.download=true"
         return (
             f"Download {spec.url} and extract it into {root} so that {folder}/ holds the "
-            f"batch files; or put the archive itself at {root / archive} and set "
-            "data.download=true (torchvision then verifies and extracts it without network)."
+            f"batch files, or put the archive itself at {root / archive} and rerun{enable} "
+            "(torchvision then verifies and extracts it without network)." + elsewhere
         )
     if name == "svhn":
         return (
             f"Download {spec.url} and {spec.url.replace('train_', 'test_')} and put them at "
-            f"{root / 'train_32x32.mat'} and {root / 'test_32x32.mat'}."
+            f"{root / 'train_32x32.mat'} and {root / 'test_32x32.mat'}." + elsewhere
         )
     if name in ("mnist", "fashion_mnist"):
         folder = _required(name, root)[0].parent
         base_url = spec.url.rsplit("/", 1)[0] + "/"
         return (
             f"Download {', '.join(f + '.gz' for f in _MNIST_FILES)} from {base_url} and put "
-            f"them (gzipped or not) in {folder}/."
+            f"them (gzipped or not) in {folder}/." + elsewhere
         )
     return (
         f"Download {spec.url} and unzip it into {root} so that {root / 'tiny-imagenet-200'}/ "
-        "holds wnids.txt, train/ and val/."
+        "holds wnids.txt, train/ and val/." + elsewhere
     )
+
+
+#: Seconds a download may stall (no bytes) before it fails: offline machines and firewalls
+#: that drop packets would otherwise hang the run forever (torchvision sets no timeout).
+DOWNLOAD_STALL_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _remove_new_empty_dirs(root: Path, before: set[Path]) -> None:
+    """Remove the directories under and above ``root`` that a failed download created and
+    left empty (``before``: the directories that existed), so no empty ``data/`` remains."""
+    if root.is_dir():
+        for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):
+            path = Path(folder)
+            if path not in before:
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only succeeds when empty
+    path = root
+    while path not in before and path != path.parent:
+        with contextlib.suppress(OSError):
+            path.rmdir()
+        path = path.parent
+
+
+def _existing_dirs(root: Path) -> set[Path]:
+    """Every directory at or under ``root`` and every existing ancestor of it."""
+    found = {Path(folder) for folder, _, _ in os.walk(root)} if root.is_dir() else set()
+    path = root
+    while path != path.parent:
+        path = path.parent
+        if path.is_dir():
+            found.add(path)
+    return found
 
 
 def _download(name: str, root: Path) -> None:
@@ -252,48 +375,88 @@ def _download(name: str, root: Path) -> None:
         download_and_extract_archive(get_spec(name).url, str(root))
 
 
+def _read_idx_pair(images_file: Path, labels_file: Path, spec: DatasetSpec) -> tuple[Tensor, Tensor]:
+    """One MNIST-format split: an idx3 images file (N, 28, 28) and its idx1 labels file (N,)."""
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3:
+        raise DataFileError(
+            f"{images_file}: an idx file of {images.ndim} dimensions {images.shape}, expected "
+            "3 (images, height, width): are the images and labels files swapped?"
+        )
+    if labels.ndim != 1:
+        raise DataFileError(
+            f"{labels_file}: an idx file of {labels.ndim} dimensions {labels.shape}, expected "
+            "1 (one label per image): are the images and labels files swapped?"
+        )
+    x = torch.from_numpy(images.astype(np.uint8)).unsqueeze(1)
+    y = torch.from_numpy(labels.astype(np.int64))
+    check_split(x, y, spec, f"{images_file} with {labels_file}")
+    return x, y
+
+
 def _read(name: str, root: Path) -> RawData:
     files = _required(name, root)
+    spec = get_spec(name)
     if name == "cifar10":
-        tx, ty = read_cifar_batches(files[:5], "labels")
-        vx, vy = read_cifar_batches(files[5:], "labels")
+        tx, ty = read_cifar_batches(files[:5], "labels", spec)
+        vx, vy = read_cifar_batches(files[5:], "labels", spec)
         return RawData(tx, ty, vx, vy)
     if name == "cifar100":
-        tx, ty = read_cifar_batches(files[:1], "fine_labels")
-        vx, vy = read_cifar_batches(files[1:], "fine_labels")
+        tx, ty = read_cifar_batches(files[:1], "fine_labels", spec)
+        vx, vy = read_cifar_batches(files[1:], "fine_labels", spec)
         return RawData(tx, ty, vx, vy)
     if name == "svhn":
-        return RawData(*read_svhn_mat(files[0]), *read_svhn_mat(files[1]))
+        splits = []
+        for path in files:
+            x, y = read_svhn_mat(path)
+            check_split(x, y, spec, str(path))
+            splits += [x, y]
+        return RawData(*splits)
     if name in ("mnist", "fashion_mnist"):
-        arrays = [read_idx(f) for f in files]
-        x = [torch.from_numpy(arrays[i].astype(np.uint8)).unsqueeze(1) for i in (0, 2)]
-        y = [torch.from_numpy(arrays[i].astype(np.int64)) for i in (1, 3)]
-        return RawData(x[0], y[0], x[1], y[1])
+        return RawData(*_read_idx_pair(files[0], files[1], spec),
+                       *_read_idx_pair(files[2], files[3], spec))
     return read_tiny_imagenet(root / "tiny-imagenet-200")
+
+
+def ensure_files(name: str, root: str | os.PathLike, download: bool) -> Path:
+    """Make sure a file-backed dataset's files exist under ``root``: download them if
+    allowed and missing (once, with a stall timeout); returns ``root`` made absolute.
+
+    Called before a run opens its MLflow run, so a dataset that cannot be had costs one
+    error line and leaves no FAILED run; a failed download removes the empty directories it
+    made. Raises :class:`DatasetUnavailableError` naming the URL and the target path.
+    """
+    root = Path(root).expanduser().absolute()
+    missing = [p for p in _required(name, root) if not p.exists()]
+    if missing and download:
+        before = _existing_dirs(root)
+        try:
+            with _socket_timeout(DOWNLOAD_STALL_TIMEOUT_S):
+                _download(name, root)
+        except Exception as exc:  # offline, refused, bad checksum: one clear error
+            _remove_new_empty_dirs(root, before)
+            raise DatasetUnavailableError(
+                f"{name}: not under {root} and downloading it failed ({type(exc).__name__}: "
+                f"{exc}). " + _how_to_place(name, root, download)
+            ) from exc
+        missing = [p for p in _required(name, root) if not p.exists()]
+    if missing:
+        raise DatasetUnavailableError(
+            f"{name} not found: missing {', '.join(str(p) for p in missing)}"
+            f"{'' if download else ' (data.download=false)'}. "
+            + _how_to_place(name, root, download)
+        )
+    return root
 
 
 def load_files(name: str, root: str | os.PathLike, download: bool) -> RawData:
     """Read a file-backed dataset from ``root``, downloading it first if allowed and missing.
 
     Raises :class:`DatasetUnavailableError` naming the URL and the target path when the
-    files are absent (and ``download`` is false or fails, e.g. offline) or unreadable.
+    files are absent (and ``download`` is false or fails, e.g. offline) or unreadable, and
+    :class:`DataFileError` naming the file when its contents do not fit the dataset.
     """
-    root = Path(root).expanduser().absolute()
-    missing = [p for p in _required(name, root) if not p.exists()]
-    if missing and download:
-        try:
-            _download(name, root)
-        except Exception as exc:  # offline, refused, bad checksum: one clear error
-            raise DatasetUnavailableError(
-                f"{name}: downloading into {root} failed ({type(exc).__name__}: {exc}). "
-                + _how_to_place(name, root)
-            ) from exc
-        missing = [p for p in _required(name, root) if not p.exists()]
-    if missing:
-        raise DatasetUnavailableError(
-            f"{name} not found: missing {', '.join(str(p) for p in missing)}"
-            f"{'' if download else ' (data.download=false)'}. " + _how_to_place(name, root)
-        )
+    root = ensure_files(name, root, download)
     try:
         return _read(name, root)
     except DatasetUnavailableError:
@@ -301,7 +464,7 @@ def load_files(name: str, root: str | os.PathLike, download: bool) -> RawData:
     except Exception as exc:
         raise DatasetUnavailableError(
             f"{name}: the files under {root} could not be read ({type(exc).__name__}: {exc}); "
-            "they may be truncated or corrupted. " + _how_to_place(name, root)
+            "they may be truncated or corrupted. " + _how_to_place(name, root, download)
         ) from exc
 
 
@@ -329,7 +492,12 @@ def load_digits() -> RawData:
         stratify=d.target,
     )
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return RawData(x[train_idx], y[train_idx], x[test_idx], y[test_idx])
+    raw = RawData(x[train_idx], y[train_idx], x[test_idx], y[test_idx])
+    spec = get_spec("digits")
+    # Natively 8x8: checked against that size (the spec's image_size is the native one).
+    check_split(raw.train_x, raw.train_y, spec, "sklearn.datasets.load_digits (train split)")
+    check_split(raw.test_x, raw.test_y, spec, "sklearn.datasets.load_digits (test split)")
+    return raw
 
 
 def synthetic(spec: DatasetSpec, size: int, seed: int) -> RawData:
@@ -350,4 +518,7 @@ def synthetic(spec: DatasetSpec, size: int, seed: int) -> RawData:
     def labels(n: int) -> Tensor:
         return torch.randint(0, spec.num_classes, (n,), generator=g)
 
-    return RawData(images(size), labels(size), images(n_test), labels(n_test))
+    raw = RawData(images(size), labels(size), images(n_test), labels(n_test))
+    check_split(raw.train_x, raw.train_y, spec, f"synthetic {spec.name} (train)")
+    check_split(raw.test_x, raw.test_y, spec, f"synthetic {spec.name} (test)")
+    return raw

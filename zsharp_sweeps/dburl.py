@@ -1,0 +1,138 @@
+"""Checks of database URLs (MLflow's tracking store, Optuna's storage) before first use.
+
+Why: MLflow and Optuna open their store lazily, deep inside the first call that needs it, and
+a bad URL then surfaces as a long traceback that never names the setting (a KeyError for an
+unknown scheme, ``ModuleNotFoundError: MySQLdb`` for a missing driver, ``unable to open
+database file`` for an unwritable directory). These checks run first and raise one
+``ConfigError`` line that names the setting, the value and what is allowed. They create
+nothing: no directory, no database file, no connection to a server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+from pathlib import Path
+
+from zsharp_sweeps.config import ConfigError
+
+#: SQLAlchemy dialects both MLflow and Optuna accept, and the pip package of the default
+#: driver of each (what ``mysql://`` etc. import when no ``+driver`` is named).
+RDB_DRIVER_PACKAGES: dict[str, str] = {
+    "postgresql": "psycopg2-binary (or write postgresql+psycopg:// and install psycopg)",
+    "mysql": "mysqlclient (or write mysql+pymysql:// and install pymysql)",
+    "mssql": "pyodbc",
+    "sqlite": "",
+}
+
+
+def rdb_dialect(url: str) -> str | None:
+    """``postgresql`` for ``postgresql+psycopg://...``; None if the URL is no RDB URL."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    dialect = scheme.split("+", 1)[0].lower()
+    return dialect if dialect in RDB_DRIVER_PACKAGES else None
+
+
+def check_rdb_url(url: str, setting: str, allowed: str) -> None:
+    """The URL parses, its dialect and Python driver import, and a SQLite file is usable.
+
+    ``setting`` names where the URL came from (``MLFLOW_TRACKING_URI``,
+    ``hydra.sweeper.storage``); ``allowed`` says what the setting accepts.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        dialect_cls = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ConfigError(
+            f"{setting}={url!r} is invalid ({exc}): allowed {allowed}."
+        ) from None
+    try:
+        dialect_cls.import_dbapi()
+    except ImportError as exc:
+        package = RDB_DRIVER_PACKAGES.get(parsed.get_backend_name(), "")
+        hint = f"pip install {package}" if package and "+" not in parsed.drivername else (
+            f"install the Python package of the {parsed.get_driver_name()!r} driver"
+        )
+        raise ConfigError(
+            f"{setting}={_redact(url)!r} needs the Python database driver "
+            f"{exc.name or parsed.get_driver_name()!r}, which is not installed: {hint}; "
+            f"or use another store: allowed {allowed}."
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            check_sqlite_file(Path(database), setting, url, allowed)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password (it goes into an error message)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (where a mkdir -p would start)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def directory_problem(directory: Path) -> str | None:
+    """Why files cannot be created in ``directory`` (made if missing), or None if they can.
+
+    Tried for real (a temporary file in the nearest existing ancestor) rather than with
+    ``os.access``: root passes every ``os.access`` check yet cannot write a read-only mount.
+    """
+    existing = nearest_existing(directory)
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        if existing == directory.absolute():
+            return f"the directory {existing} is not writable ({exc.strerror or exc})"
+        return (
+            f"{directory.absolute()} cannot be created: {existing} is not writable "
+            f"({exc.strerror or exc})"
+        )
+    return None
+
+
+def check_sqlite_file(path: Path, setting: str, url: str, allowed: str) -> None:
+    """The database's directory is writable and an existing file is a readable database."""
+    path = path.expanduser()
+    problem = directory_problem(path.parent)
+    if problem is None and path.exists():
+        if path.is_dir():
+            problem = f"{path.absolute()} is a directory, not a database file"
+        elif not os.access(path, os.R_OK | os.W_OK):
+            problem = f"{path.absolute()} is not readable and writable"
+        else:
+            problem = sqlite_file_problem(path)
+    if problem is not None:
+        raise ConfigError(f"{setting}={url!r} is unusable: {problem}. Allowed: {allowed}.")
+
+
+def sqlite_file_problem(path: Path) -> str | None:
+    """None if ``path`` is a sound SQLite database (read-only check), else what is wrong."""
+    try:
+        with contextlib.closing(
+            sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+        ) as conn:
+            result = conn.execute("PRAGMA quick_check").fetchone()
+    except sqlite3.DatabaseError as exc:
+        return f"{path.absolute()} is not a usable SQLite database ({exc})"
+    if result is None or result[0] != "ok":
+        return f"{path.absolute()} is a damaged SQLite database (quick_check: {result})"
+    return None
