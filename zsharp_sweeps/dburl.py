@@ -35,11 +35,13 @@ def rdb_dialect(url: str) -> str | None:
     return dialect if dialect in RDB_DRIVER_PACKAGES else None
 
 
-def check_rdb_url(url: str, setting: str, allowed: str) -> None:
+def check_rdb_url(url: str, setting: str, allowed: str, *, thorough: bool = True) -> None:
     """The URL parses, its dialect and Python driver import, and a SQLite file is usable.
 
     ``setting`` names where the URL came from (``MLFLOW_TRACKING_URI``,
-    ``hydra.sweeper.storage``); ``allowed`` says what the setting accepts.
+    ``hydra.sweeper.storage``); ``allowed`` says what the setting accepts. ``thorough``
+    reads a whole existing SQLite file (``PRAGMA quick_check``, finds truncation); without
+    it only the header and schema are read, cheap enough to repeat for every run.
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -66,7 +68,7 @@ def check_rdb_url(url: str, setting: str, allowed: str) -> None:
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            check_sqlite_file(Path(database), setting, url, allowed)
+            check_sqlite_file(Path(database), setting, url, allowed, thorough=thorough)
 
 
 def _redact(url: str) -> str:
@@ -109,7 +111,9 @@ def directory_problem(directory: Path) -> str | None:
     return None
 
 
-def check_sqlite_file(path: Path, setting: str, url: str, allowed: str) -> None:
+def check_sqlite_file(
+    path: Path, setting: str, url: str, allowed: str, *, thorough: bool = True
+) -> None:
     """The database's directory is writable and an existing file is a readable database."""
     path = path.expanduser()
     problem = directory_problem(path.parent)
@@ -119,20 +123,26 @@ def check_sqlite_file(path: Path, setting: str, url: str, allowed: str) -> None:
         elif not os.access(path, os.R_OK | os.W_OK):
             problem = f"{path.absolute()} is not readable and writable"
         else:
-            problem = sqlite_file_problem(path)
+            problem = sqlite_file_problem(path, thorough=thorough)
     if problem is not None:
         raise ConfigError(f"{setting}={url!r} is unusable: {problem}. Allowed: {allowed}.")
 
 
-def sqlite_file_problem(path: Path) -> str | None:
-    """None if ``path`` is a sound SQLite database (read-only check), else what is wrong."""
+def sqlite_file_problem(path: Path, *, thorough: bool = True) -> str | None:
+    """None if ``path`` is a sound SQLite database (read-only check), else what is wrong.
+
+    ``thorough``: ``PRAGMA quick_check`` reads every page (a truncated file is found);
+    otherwise only the schema is read (a file that is no database is found), which costs
+    the same for a large store as for a small one.
+    """
+    query = "PRAGMA quick_check" if thorough else "SELECT COUNT(*) FROM sqlite_master"
     try:
         with contextlib.closing(
             sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
         ) as conn:
-            result = conn.execute("PRAGMA quick_check").fetchone()
+            result = conn.execute(query).fetchone()
     except sqlite3.DatabaseError as exc:
         return f"{path.absolute()} is not a usable SQLite database ({exc})"
-    if result is None or result[0] != "ok":
+    if thorough and (result is None or result[0] != "ok"):
         return f"{path.absolute()} is a damaged SQLite database (quick_check: {result})"
     return None

@@ -87,7 +87,8 @@ def check_tracking_uri(uri: str, setting: str | None = None) -> None:
     if uri in _NO_PROBE_SCHEMES or scheme in _NO_PROBE_SCHEMES:
         return  # credentials live in the profile; MLflow reports its own errors there
     if rdb_dialect(uri) is not None:
-        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS)
+        # Header and schema only: this runs for every run, and a store grows large.
+        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS, thorough=False)
     elif scheme in ("http", "https"):
         _probe_http(uri, setting)
     elif scheme in ("", "file"):
