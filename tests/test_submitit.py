@@ -20,14 +20,16 @@ from .conftest import CONF_DIR, REPO
     ("launcher", "target", "workers_key"),
     [
         ("joblib", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs"),
+        ("local", "hydra_submitit_launcher.submitit_launcher.LocalLauncher", None),
         ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "array_parallelism"),
     ],
 )
 def test_launcher_recipes_tie_the_workers_to_n_jobs(
-    launcher: str, target: str, workers_key: str
+    launcher: str, target: str, workers_key: str | None
 ) -> None:
-    """Every sweep starts on joblib; ``launcher=slurm`` swaps in SLURM with one GPU, one task
-    per job and as many jobs at once as ``hydra.sweeper.n_jobs``."""
+    """A sweep's launcher is picked by ``launcher=...`` (conf/launcher/); ``launcher=slurm``
+    gives SLURM with one GPU, one task per job and as many jobs at once as
+    ``hydra.sweeper.n_jobs``."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(
             config_name="config", return_hydra_config=True,
@@ -35,10 +37,13 @@ def test_launcher_recipes_tie_the_workers_to_n_jobs(
         )
     conf = cfg.hydra.launcher
     assert conf._target_ == f"hydra_plugins.{target}"
-    assert conf[workers_key] == 6
+    if workers_key is not None:
+        assert conf[workers_key] == 6
     if launcher == "slurm":
         assert (conf.gpus_per_node, conf.tasks_per_node, conf.nodes) == (1, 1, 1)
         assert conf.partition is None and conf.timeout_min >= 60
+    if launcher == "local":  # CPU workers by default: no GPU visible to the jobs
+        assert (conf.gpus_per_node, conf.tasks_per_node) == (0, 1)
 
 
 @pytest.mark.slow
