@@ -23,6 +23,7 @@ from zsharp_sweeps.optim.checks import (
     check_rho,
     check_stats_streams,
 )
+from zsharp_sweeps.optim.registry import BASES, optimizer_names
 
 
 class ConfigError(ValueError):
@@ -104,10 +105,9 @@ class ModelConfig:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-OPTIMIZERS = (
-    "sgd", "adamw", "adam", "sam", "asam", "fsam", "zsharp", "sam_magnitude", "sam_direction",
-)
-BASE_OPTIMIZERS = ("sgd", "adamw", "adam")
+# The registered optimizers (zsharp_sweeps/optim/registry.py): one table, no list kept here.
+OPTIMIZERS = optimizer_names()
+BASE_OPTIMIZERS = tuple(BASES)
 ZSHARP_FILTERS = FILTERS
 
 
@@ -144,8 +144,8 @@ class OptimizerConfig:
     bn_second_pass: str = "freeze"
 
     def __post_init__(self) -> None:
-        _one_of("optimizer.name", self.name, OPTIMIZERS)
-        _one_of("optimizer.base", self.base, BASE_OPTIMIZERS)
+        _one_of("optimizer.name", self.name, optimizer_names())
+        _one_of("optimizer.base", self.base, tuple(BASES))
         _check(
             self.lr > 0 and math.isfinite(self.lr), "optimizer.lr", self.lr, "a finite value > 0"
         )

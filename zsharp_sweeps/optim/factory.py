@@ -1,8 +1,9 @@
-"""Build the optimizer a config asks for.
+"""Build the optimizer a config asks for, from the registry (``zsharp_sweeps.optim.registry``).
 
-Why a factory: configs name optimizers by string; this is the one place that maps
-``OptimizerConfig`` fields onto constructor arguments, so a sweep over ``optimizer.*`` keys
-reaches the optimizer without any glue in the trainer.
+Why a factory: configs name optimizers by string; this is where ``OptimizerConfig`` fields
+become constructor arguments, so a sweep over ``optimizer.*`` keys reaches the optimizer
+without any glue in the trainer. The base optimizers (torch's own classes) are registered
+here; each SAM-family optimizer registers its builder next to its class.
 """
 
 from __future__ import annotations
@@ -12,14 +13,44 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from zsharp_sweeps.optim.fsam import FriendlySAM
-from zsharp_sweeps.optim.sam import ASAM, SAM, SAMDirection, SAMMagnitude
-from zsharp_sweeps.optim.zsharp import ZSharp
+from zsharp_sweeps.optim.registry import BASES, SAM_FAMILY, optimizer_names, register_base
 
 if TYPE_CHECKING:  # the optimizers themselves need no Hydra/OmegaConf
     from zsharp_sweeps.config import OptimizerConfig
 
-PLAIN = ("sgd", "adam", "adamw")
+
+@register_base("sgd")
+def _sgd(cfg: OptimizerConfig, capturable: bool) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    return torch.optim.SGD, {
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "nesterov": cfg.nesterov,
+        "weight_decay": cfg.weight_decay,
+    }
+
+
+def _adam_kwargs(cfg: OptimizerConfig, capturable: bool) -> dict[str, Any]:
+    return {
+        "lr": cfg.lr,
+        "betas": (float(cfg.betas[0]), float(cfg.betas[1])),
+        "eps": cfg.eps,
+        "weight_decay": cfg.weight_decay,
+        **({"capturable": True} if capturable else {}),
+    }
+
+
+@register_base("adamw")
+def _adamw(cfg: OptimizerConfig, capturable: bool) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    return torch.optim.AdamW, _adam_kwargs(cfg, capturable)
+
+
+@register_base("adam")
+def _adam(cfg: OptimizerConfig, capturable: bool) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    return torch.optim.Adam, _adam_kwargs(cfg, capturable)
+
+
+#: The plain (one-pass) optimizers: the registered bases.
+PLAIN = tuple(BASES)
 
 
 def base_optimizer(
@@ -31,23 +62,9 @@ def base_optimizer(
     its "AdamW" baseline. ``adamw`` is ``torch.optim.AdamW`` (decoupled decay).
     ``capturable``: keep Adam's step count on the device so a CUDA graph can replay the step.
     """
-    if name == "sgd":
-        return torch.optim.SGD, {
-            "lr": cfg.lr,
-            "momentum": cfg.momentum,
-            "nesterov": cfg.nesterov,
-            "weight_decay": cfg.weight_decay,
-        }
-    if name in ("adam", "adamw"):
-        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls, {
-            "lr": cfg.lr,
-            "betas": (float(cfg.betas[0]), float(cfg.betas[1])),
-            "eps": cfg.eps,
-            "weight_decay": cfg.weight_decay,
-            **({"capturable": True} if capturable else {}),
-        }
-    raise ValueError(f"optimizer.base={name!r} is invalid: allowed one of {', '.join(PLAIN)}")
+    if name not in BASES:
+        raise ValueError(f"optimizer.base={name!r} is invalid: allowed one of {', '.join(BASES)}")
+    return BASES[name](cfg, capturable)
 
 
 def build_optimizer(
@@ -55,40 +72,19 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer ``cfg`` describes, over ``model``'s trainable parameters.
 
-    Plain optimizers (``sgd``, ``adam``, ``adamw``) are picked by ``cfg.name`` (``cfg.base`` is
-    ignored for them); SAM-family ones wrap ``cfg.base``. SAM-family optimizers receive
-    ``model.named_parameters()`` so ASAM can apply its rule by parameter name.
+    Plain optimizers (the bases: ``sgd``, ``adam``, ``adamw``) are picked by ``cfg.name``
+    (``cfg.base`` is ignored for them); SAM-family ones wrap ``cfg.base``. SAM-family
+    optimizers receive ``model.named_parameters()`` so ASAM can apply its rule by name.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
-    if cfg.name in PLAIN:
+    if cfg.name in BASES:
         cls, kwargs = base_optimizer(cfg.name, cfg, capturable)
         return cls([p for _, p in named], **kwargs)
+    if cfg.name not in SAM_FAMILY:
+        raise ValueError(
+            f"optimizer.name={cfg.name!r} is invalid: allowed one of {', '.join(optimizer_names())}"
+        )
     base_cls, base_kwargs = base_optimizer(cfg.base, cfg, capturable)
-    if cfg.name == "sam":
-        return SAM(named, base_cls, rho=cfg.rho, adaptive=cfg.adaptive, **base_kwargs)
-    if cfg.name == "asam":
-        return ASAM(named, base_cls, rho=cfg.rho, eta=cfg.eta, **base_kwargs)
-    if cfg.name == "fsam":
-        return FriendlySAM(
-            named, base_cls, rho=cfg.rho, sigma=cfg.sigma, lmbda=cfg.lmbda, **base_kwargs
-        )
-    if cfg.name == "zsharp":
-        return ZSharp(
-            named,
-            base_cls,
-            rho=cfg.rho,
-            percentile=cfg.percentile,
-            filter=cfg.filter,
-            filter_seed=cfg.filter_seed,
-            threshold_method=cfg.threshold_method,
-            stats_streams=cfg.stats_streams,
-            kernels=cfg.kernels,
-            **base_kwargs,
-        )
-    if cfg.name == "sam_magnitude":
-        return SAMMagnitude(named, base_cls, rho=cfg.rho, **base_kwargs)
-    if cfg.name == "sam_direction":
-        return SAMDirection(named, base_cls, rho=cfg.rho, **base_kwargs)
-    raise ValueError(f"optimizer.name={cfg.name!r} is not a known optimizer")
+    return SAM_FAMILY[cfg.name](named, base_cls, base_kwargs, cfg)

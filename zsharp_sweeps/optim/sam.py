@@ -14,12 +14,16 @@ Formulas (docs/algorithms.md), with ``g`` the gradient at ``w`` and norms over a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from zsharp_sweeps.optim.base import Groups, SAMBase, global_norm
+from zsharp_sweeps.optim.registry import NamedParams, register_sam
+
+if TYPE_CHECKING:
+    from zsharp_sweeps.config import OptimizerConfig
 
 
 class SAM(SAMBase):
@@ -200,3 +204,28 @@ class SAMDirection(_StoredFirstGradient):
         if norm2 is None:
             return
         torch._foreach_mul_([p.grad for p in with_grad], self._first_norm / (norm2 + 1e-12))
+
+
+# --- builders from a config (zsharp_sweeps.optim.registry) -----------------------------------
+@register_sam("sam")
+def _sam(named: NamedParams, base: type[torch.optim.Optimizer], base_kwargs: dict[str, Any],
+         cfg: OptimizerConfig) -> SAM:
+    return SAM(named, base, rho=cfg.rho, adaptive=cfg.adaptive, **base_kwargs)
+
+
+@register_sam("asam")
+def _asam(named: NamedParams, base: type[torch.optim.Optimizer], base_kwargs: dict[str, Any],
+          cfg: OptimizerConfig) -> ASAM:
+    return ASAM(named, base, rho=cfg.rho, eta=cfg.eta, **base_kwargs)
+
+
+@register_sam("sam_magnitude")
+def _sam_magnitude(named: NamedParams, base: type[torch.optim.Optimizer],
+                   base_kwargs: dict[str, Any], cfg: OptimizerConfig) -> SAMMagnitude:
+    return SAMMagnitude(named, base, rho=cfg.rho, **base_kwargs)
+
+
+@register_sam("sam_direction")
+def _sam_direction(named: NamedParams, base: type[torch.optim.Optimizer],
+                   base_kwargs: dict[str, Any], cfg: OptimizerConfig) -> SAMDirection:
+    return SAMDirection(named, base, rho=cfg.rho, **base_kwargs)

@@ -34,7 +34,7 @@ boundary are broken by position, so the per-tensor counts are exactly equal.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -49,6 +49,7 @@ from zsharp_sweeps.optim.checks import (
     check_percentile,
     check_stats_streams,
 )
+from zsharp_sweeps.optim.registry import NamedParams, register_sam
 from zsharp_sweeps.optim.threshold import (
     CHUNK,
     SegmentLayout,
@@ -58,6 +59,9 @@ from zsharp_sweeps.optim.threshold import (
     quantile_threshold,
     resolve_method,
 )
+
+if TYPE_CHECKING:
+    from zsharp_sweeps.config import OptimizerConfig
 
 
 class ZSharp(SAMBase):
@@ -256,3 +260,14 @@ class ZSharp(SAMBase):
             self._generator.set_state(state)
         else:
             self._generator_state = state
+
+
+@register_sam("zsharp")
+def _zsharp(named: NamedParams, base: type[torch.optim.Optimizer], base_kwargs: dict[str, Any],
+            cfg: OptimizerConfig) -> ZSharp:
+    """``optimizer=zsharp`` (zsharp_sweeps.optim.registry)."""
+    return ZSharp(
+        named, base, rho=cfg.rho, percentile=cfg.percentile, filter=cfg.filter,
+        filter_seed=cfg.filter_seed, threshold_method=cfg.threshold_method,
+        stats_streams=cfg.stats_streams, kernels=cfg.kernels, **base_kwargs,
+    )
