@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from zsharp_sweeps.config import DATASETS, ConfigError, DataConfig, register_configs
+from zsharp_sweeps.config import ConfigError, DataConfig, dataset_names, register_configs
 from zsharp_sweeps.data import SPECS
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -23,10 +23,10 @@ def _compose(overrides: list[str]) -> DataConfig:
 
 
 def test_every_dataset_has_an_option() -> None:
-    assert sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")) == sorted(DATASETS)
+    assert sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml")) == sorted(dataset_names())
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", dataset_names())
 def test_option_composes_and_validates(name: str) -> None:
     data = _compose([f"+data={name}"])
     assert isinstance(data, DataConfig) and data.name == name

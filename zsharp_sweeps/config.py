@@ -42,10 +42,12 @@ def _one_of(setting: str, value: str, options: tuple[str, ...]) -> None:
     _check(value in options, setting, value, "one of " + ", ".join(options))
 
 
-DATASETS = (
-    "cifar10", "cifar100", "svhn", "tiny_imagenet", "fashion_mnist", "mnist", "digits",
-    "synthetic",
-)
+def dataset_names() -> tuple[str, ...]:
+    """Every valid ``data.name``: the datasets of ``zsharp_sweeps/data/specs.py`` (their one
+    table), then ``synthetic``, which imitates any of them."""
+    from zsharp_sweeps.data.specs import SPECS  # here, not at the top: data imports config
+
+    return (*SPECS, "synthetic")
 
 
 @dataclass
@@ -77,8 +79,9 @@ class DataConfig:
     split_seed: int = 0
 
     def __post_init__(self) -> None:
-        _one_of("data.name", self.name, DATASETS)
-        _one_of("data.synthetic_like", self.synthetic_like, DATASETS[:-1])
+        names = dataset_names()
+        _one_of("data.name", self.name, names)
+        _one_of("data.synthetic_like", self.synthetic_like, names[:-1])
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, ">= 1")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, ">= 1")
         _check(self.val_size >= 0, "data.val_size", self.val_size, ">= 0 (number of images)")

@@ -29,6 +29,7 @@ from zsharp_sweeps.data.loaders import (
     TorchTrainLoader,
 )
 from zsharp_sweeps.data.sources import (
+    FILE_DATASETS,
     RawData,
     ensure_files,
     load_digits,
@@ -148,7 +149,7 @@ def ensure_available(cfg: DataConfig) -> None:
     The trainer calls this before it opens an MLflow run: a dataset that cannot be had
     then leaves no FAILED run behind. Embedded and generated data need nothing.
     """
-    if cfg.name not in ("digits", "synthetic"):
+    if cfg.name in FILE_DATASETS:
         ensure_files(cfg.name, cfg.root, cfg.download)
 
 

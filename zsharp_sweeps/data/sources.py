@@ -242,8 +242,29 @@ def read_tiny_imagenet(base: Path) -> RawData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per dataset: which files, how to read them, how to download them
+# Per dataset: which files, how to read them, how to download them -- one table
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileDataset:
+    """How one file-backed dataset is found under ``data.root``, read, fetched and explained.
+
+    ``files(root)``: the paths that must exist (also what the missing-file message lists);
+    ``read(files, root, spec)``: the splits, each checked with :func:`check_split`;
+    ``download(root)``: fetch (torchvision, which verifies checksums) into exactly ``files``;
+    ``place(root, spec, download)``: human instructions -- what to download and where to put
+    it (``download``: the run's ``data.download``, so advice to turn it on is given only when
+    it is off).
+    Adding a dataset: its ``DatasetSpec`` in ``specs.py``, a ``FileDataset`` in
+    :data:`FILE_DATASETS` and ``conf/data/<name>.yaml``.
+    """
+
+    files: Callable[[Path], list[Path]]
+    read: Callable[[list[Path], Path, DatasetSpec], RawData]
+    download: Callable[[Path], None]
+    place: Callable[[Path, DatasetSpec, bool], str]
+
 
 _MNIST_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -257,24 +278,119 @@ def _mnist_file(folder: Path, name: str) -> Path:
     return plain if plain.exists() or not (folder / (name + ".gz")).exists() else folder / (name + ".gz")
 
 
+def _torchvision(cls_name: str, **kwargs: object) -> Callable[[Path], None]:
+    """A download through ``torchvision.datasets.<cls_name>(root, download=True, **kwargs)``."""
+
+    def download(root: Path) -> None:
+        from torchvision import datasets
+
+        getattr(datasets, cls_name)(str(root), download=True, **kwargs)
+
+    return download
+
+
+def _cifar(
+    folder: str, train: list[str], test: str, label_key: str, torchvision_cls: str
+) -> FileDataset:
+    def files(root: Path) -> list[Path]:
+        return [root / folder / f for f in (*train, test)]
+
+    def read(paths: list[Path], root: Path, spec: DatasetSpec) -> RawData:
+        tx, ty = read_cifar_batches(paths[:-1], label_key, spec)
+        vx, vy = read_cifar_batches(paths[-1:], label_key, spec)
+        return RawData(tx, ty, vx, vy)
+
+    def place(root: Path, spec: DatasetSpec, download: bool) -> str:
+        archive = spec.url.rsplit("/", 1)[1]
+        enable = "" if download else " with data.download=true"
+        return (
+            f"Download {spec.url} and extract it into {root} so that {root / folder}/ holds the "
+            f"batch files, or put the archive itself at {root / archive} and rerun{enable} "
+            "(torchvision then verifies and extracts it without network)."
+        )
+
+    return FileDataset(files, read, _torchvision(torchvision_cls, train=True), place)
+
+
+def _svhn_read(paths: list[Path], root: Path, spec: DatasetSpec) -> RawData:
+    splits: list[Tensor] = []
+    for path in paths:
+        x, y = read_svhn_mat(path)
+        check_split(x, y, spec, str(path))
+        splits += [x, y]
+    return RawData(*splits)
+
+
+def _svhn_download(root: Path) -> None:
+    _torchvision("SVHN", split="train")(root)
+    _torchvision("SVHN", split="test")(root)
+
+
+def _mnist_like(folder: str, torchvision_cls: str) -> FileDataset:
+    def files(root: Path) -> list[Path]:
+        return [_mnist_file(root / folder / "raw", f) for f in _MNIST_FILES]
+
+    def read(paths: list[Path], root: Path, spec: DatasetSpec) -> RawData:
+        return RawData(*_read_idx_pair(paths[0], paths[1], spec),
+                       *_read_idx_pair(paths[2], paths[3], spec))
+
+    def place(root: Path, spec: DatasetSpec, download: bool) -> str:
+        base_url = spec.url.rsplit("/", 1)[0] + "/"
+        return (
+            f"Download {', '.join(f + '.gz' for f in _MNIST_FILES)} from {base_url} and put "
+            f"them (gzipped or not) in {root / folder / 'raw'}/."
+        )
+
+    return FileDataset(files, read, _torchvision(torchvision_cls, train=True), place)
+
+
+def _tiny_imagenet_download(root: Path) -> None:
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    download_and_extract_archive(get_spec("tiny_imagenet").url, str(root))
+
+
+#: Every file-backed dataset (``digits`` is embedded, ``synthetic`` generated).
+FILE_DATASETS: dict[str, FileDataset] = {
+    "cifar10": _cifar("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+                      "test_batch", "labels", "CIFAR10"),
+    "cifar100": _cifar("cifar-100-python", ["train"], "test", "fine_labels", "CIFAR100"),
+    "svhn": FileDataset(
+        files=lambda root: [root / "train_32x32.mat", root / "test_32x32.mat"],
+        read=_svhn_read,
+        download=_svhn_download,
+        place=lambda root, spec, download: (
+            f"Download {spec.url} and {spec.url.replace('train_', 'test_')} and put them at "
+            f"{root / 'train_32x32.mat'} and {root / 'test_32x32.mat'}."
+        ),
+    ),
+    "mnist": _mnist_like("MNIST", "MNIST"),
+    "fashion_mnist": _mnist_like("FashionMNIST", "FashionMNIST"),
+    "tiny_imagenet": FileDataset(
+        files=lambda root: [root / "tiny-imagenet-200" / p for p in
+                            ("wnids.txt", "train", "val/val_annotations.txt", "val/images")],
+        read=lambda paths, root, spec: read_tiny_imagenet(root / "tiny-imagenet-200"),
+        download=_tiny_imagenet_download,
+        place=lambda root, spec, download: (
+            f"Download {spec.url} and unzip it into {root} so that "
+            f"{root / 'tiny-imagenet-200'}/ holds wnids.txt, train/ and val/."
+        ),
+    ),
+}
+
+
+def _file_dataset(name: str) -> FileDataset:
+    try:
+        return FILE_DATASETS[name]
+    except KeyError:
+        raise ValueError(
+            f"{name} has no files on disk: file-backed datasets are {', '.join(FILE_DATASETS)}"
+        ) from None
+
+
 def _required(name: str, root: Path) -> list[Path]:
     """The files that must exist for ``name`` to be read (for the missing-file message)."""
-    if name == "cifar10":
-        base = root / "cifar-10-batches-py"
-        return [base / f"data_batch_{i}" for i in range(1, 6)] + [base / "test_batch"]
-    if name == "cifar100":
-        base = root / "cifar-100-python"
-        return [base / "train", base / "test"]
-    if name == "svhn":
-        return [root / "train_32x32.mat", root / "test_32x32.mat"]
-    if name in ("mnist", "fashion_mnist"):
-        folder = root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
-        return [_mnist_file(folder, f) for f in _MNIST_FILES]
-    if name == "tiny_imagenet":
-        base = root / "tiny-imagenet-200"
-        return [base / "wnids.txt", base / "train", base / "val" / "val_annotations.txt",
-                base / "val" / "images"]
-    raise ValueError(f"{name} has no files on disk")
+    return _file_dataset(name).files(root)
 
 
 def _how_to_place(name: str, root: Path, download: bool = True) -> str:
@@ -283,33 +399,8 @@ def _how_to_place(name: str, root: Path, download: bool = True) -> str:
     ``download`` is the run's ``data.download``: the advice to set it is given only when it
     is off (it is on by default, and telling a user to set it then misleads).
     """
-    spec = get_spec(name)
-    elsewhere = " Or set data.root to a folder that already holds the files."
-    if name in ("cifar10", "cifar100"):
-        archive = spec.url.rsplit("/", 1)[1]
-        folder = _required(name, root)[0].parent
-        enable = "" if download else " with data.download=true"
-        return (
-            f"Download {spec.url} and extract it into {root} so that {folder}/ holds the "
-            f"batch files, or put the archive itself at {root / archive} and rerun{enable} "
-            "(torchvision then verifies and extracts it without network)." + elsewhere
-        )
-    if name == "svhn":
-        return (
-            f"Download {spec.url} and {spec.url.replace('train_', 'test_')} and put them at "
-            f"{root / 'train_32x32.mat'} and {root / 'test_32x32.mat'}." + elsewhere
-        )
-    if name in ("mnist", "fashion_mnist"):
-        folder = _required(name, root)[0].parent
-        base_url = spec.url.rsplit("/", 1)[0] + "/"
-        return (
-            f"Download {', '.join(f + '.gz' for f in _MNIST_FILES)} from {base_url} and put "
-            f"them (gzipped or not) in {folder}/." + elsewhere
-        )
-    return (
-        f"Download {spec.url} and unzip it into {root} so that {root / 'tiny-imagenet-200'}/ "
-        "holds wnids.txt, train/ and val/." + elsewhere
-    )
+    text = _file_dataset(name).place(root, get_spec(name), download)
+    return text + " Or set data.root to a folder that already holds the files."
 
 
 #: Seconds a download may stall (no bytes) before it fails: offline machines and firewalls
@@ -356,23 +447,8 @@ def _existing_dirs(root: Path) -> set[Path]:
 
 def _download(name: str, root: Path) -> None:
     """Fetch with torchvision (which verifies MD5 sums) into the paths ``_required`` lists."""
-    from torchvision import datasets
-    from torchvision.datasets.utils import download_and_extract_archive
-
     root.mkdir(parents=True, exist_ok=True)
-    if name == "cifar10":
-        datasets.CIFAR10(str(root), train=True, download=True)
-    elif name == "cifar100":
-        datasets.CIFAR100(str(root), train=True, download=True)
-    elif name == "svhn":
-        datasets.SVHN(str(root), split="train", download=True)
-        datasets.SVHN(str(root), split="test", download=True)
-    elif name == "mnist":
-        datasets.MNIST(str(root), train=True, download=True)
-    elif name == "fashion_mnist":
-        datasets.FashionMNIST(str(root), train=True, download=True)
-    elif name == "tiny_imagenet":
-        download_and_extract_archive(get_spec(name).url, str(root))
+    _file_dataset(name).download(root)
 
 
 def _read_idx_pair(images_file: Path, labels_file: Path, spec: DatasetSpec) -> tuple[Tensor, Tensor]:
@@ -395,27 +471,7 @@ def _read_idx_pair(images_file: Path, labels_file: Path, spec: DatasetSpec) -> t
 
 
 def _read(name: str, root: Path) -> RawData:
-    files = _required(name, root)
-    spec = get_spec(name)
-    if name == "cifar10":
-        tx, ty = read_cifar_batches(files[:5], "labels", spec)
-        vx, vy = read_cifar_batches(files[5:], "labels", spec)
-        return RawData(tx, ty, vx, vy)
-    if name == "cifar100":
-        tx, ty = read_cifar_batches(files[:1], "fine_labels", spec)
-        vx, vy = read_cifar_batches(files[1:], "fine_labels", spec)
-        return RawData(tx, ty, vx, vy)
-    if name == "svhn":
-        splits = []
-        for path in files:
-            x, y = read_svhn_mat(path)
-            check_split(x, y, spec, str(path))
-            splits += [x, y]
-        return RawData(*splits)
-    if name in ("mnist", "fashion_mnist"):
-        return RawData(*_read_idx_pair(files[0], files[1], spec),
-                       *_read_idx_pair(files[2], files[3], spec))
-    return read_tiny_imagenet(root / "tiny-imagenet-200")
+    return _file_dataset(name).read(_required(name, root), root, get_spec(name))
 
 
 def ensure_files(name: str, root: str | os.PathLike, download: bool) -> Path:
