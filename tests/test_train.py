@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from zsharp_sweeps import train
 from zsharp_sweeps.config import OPTIMIZERS
 from zsharp_sweeps.engine import NonFiniteLossError
 from zsharp_sweeps.train import run_training
@@ -124,23 +125,30 @@ def test_cli_run_writes_to_the_default_store_under_mlruns(tmp_path: Path) -> Non
     assert (tmp_path / "mlruns" / "artifacts").is_dir()
 
 
-@pytest.mark.slow  # a fresh interpreter each (imports torch, Hydra, MLflow)
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("override", "status", "expected"),
     [
-        ("optimizer.rho=-0.05", "optimizer.rho"),
-        ("optimizer.percentile=70", "Did you mean 0.7?"),
-        ("optimizer.lr=0", "optimizer.lr"),
-        ("trainer.epochs=0", "trainer.epochs"),
-        ("optimizer=nope", "optimizer"),
+        ("optimizer.rho=-0.05", 2, "error: optimizer.rho=-0.05 is invalid"),
+        ("optimizer.percentile=70", 2, "Did you mean 0.7?"),
+        ("optimizer.lr=0", 2, "error: optimizer.lr=0.0 is invalid"),
+        ("trainer.epochs=0", 2, "error: trainer.epochs=0 is invalid"),
+        ("optimizer=nope", 1, "Could not find 'optimizer/nope'"),  # Hydra's composition error
     ],
 )
-def test_cli_bad_input_exits_nonzero_and_writes_nothing(
-    override: str, expected: str, tmp_path: Path
+def test_entry_point_bad_input_exits_nonzero_and_writes_nothing(
+    override: str, status: int, expected: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    proc = _cli(["data=digits", "hardware=cpu", override], tmp_path)
-    assert proc.returncode != 0
-    assert expected in proc.stderr
+    """``main()`` in-process, as the shell runs it (the shell's view of the exit status is
+    test_errors.py's subprocess test): a bad value stops before any MLflow store exists."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["zsharp_sweeps.train", "data=digits", "hardware=cpu",
+                                      override])
+    with pytest.raises(SystemExit) as info:
+        train.main()
+    assert info.value.code == status
+    assert expected in capsys.readouterr().err
     assert not (tmp_path / "mlruns").exists()
 
 
