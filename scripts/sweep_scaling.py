@@ -124,17 +124,22 @@ def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *
     cmd = [sys.executable, "-m", "zsharp_sweeps.train", "--multirun", *overrides]
     print(f"[{workdir.name}] {' '.join(cmd[3:])}", flush=True)
     with GpuSampler(workdir / "nvidia_smi.csv") as sampler, open(workdir / "sweep.log", "w") as out:
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - start
     result: dict = {"returncode": proc.returncode, "wall_s": wall, "gpus": n_gpus,
-                    "workers": n_gpus * k, "command": " ".join(cmd[1:])}
+                    "workers": n_gpus * k, "command": " ".join(cmd[1:]),
+                    "started_at": started_at}
     if proc.returncode != 0:
         print((workdir / "sweep.log").read_text()[-3000:], file=sys.stderr)
         result["problems"] = [f"sweep exited with {proc.returncode}"]
         return result
     result.update(check_stores(workdir, n_gpus, n_trials, args))
     result["trials_per_hour"] = 3600 * result["trials"] / wall
+    if result.get("window"):  # where the wall time goes: before the first trial, after the last
+        result["before_first_trial_s"] = result["window"][0] - started_at
+        result["after_last_trial_s"] = started_at + wall - result["window"][1]
+        result["worker_first_start_s"] = [s - started_at for s in result["worker_starts"]]
     if result.get("window"):
         result["gpu_util"] = sampler.summary(list(range(n_gpus)), *result["window"])
     return result
@@ -177,11 +182,12 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
         worker = t.user_attrs.get("worker")
         if worker and "overhead_s" in t.user_attrs:
             by_worker[(worker["host"], worker["index"])].append(t)
-    first, later = [], []
+    first, later, worker_starts = [], [], []
     for ts in by_worker.values():
         ts.sort(key=lambda t: t.datetime_start)
         first.append(ts[0].user_attrs["overhead_s"])
         later += [t.user_attrs["overhead_s"] for t in ts[1:]]
+        worker_starts.append(ts[0].datetime_start.timestamp())
     starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
     ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
     rates = []
@@ -195,6 +201,7 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
         "overhead_later_mean_s": statistics.fmean(later) if later else None,
         "overhead_later_max_s": max(later) if later else None,
         "window": (min(starts), max(ends)) if starts and ends else None,
+        "worker_starts": sorted(worker_starts),
         "trial_images_per_s": statistics.fmean(rates) if rates else None,
         "best_value": study.best_value if states.get("COMPLETE") else None,
         "problems": problems,

@@ -39,7 +39,7 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
 def env() -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    out["PYTHONPATH"] = str(REPO)
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     out["OMP_NUM_THREADS"] = "1"
     return out
 

@@ -187,8 +187,9 @@ class HardwareConfig:
     # CPU threads for torch (0 = torch's default).
     num_threads: int = 0
     deterministic: bool = False
-    # In a parallel sweep on a multi-GPU host: how many trials share one GPU. Trial slot i
-    # runs on cuda:(i // trials_per_gpu) % device_count.
+    # In a sweep: how many workers share one GPU. Worker i of a host runs on
+    # cuda:(i // trials_per_gpu) % device_count for its whole life (hydra.sweeper.n_jobs
+    # workers in all: set it to device_count x trials_per_gpu).
     trials_per_gpu: int = 1
 
     def __post_init__(self) -> None:
@@ -305,8 +306,9 @@ OBJECTIVES = (
 
 @dataclass
 class StudyConfig:
-    """How a run takes part in an Optuna study: pruning, seeds, and (set by the sweeper) its
-    identity. Outside a sweep ``name`` is null and none of this has any effect."""
+    """How a sweep's trials are judged: pruning and seeds. A trial's identity (its Optuna
+    trial, device, parent run) is not config: the sweep worker hands it over explicitly
+    (``zsharp_sweeps.sweep.context.TrialContext``). Outside a sweep only ``n_seeds`` acts."""
 
     # Stop unpromising trials early from their per-epoch validation accuracy: none, median,
     # successive_halving, hyperband, or the import path of a custom optuna pruner class.
@@ -317,13 +319,6 @@ class StudyConfig:
     pruner_reduction_factor: int = 3
     # Repeat each configuration over this many seeds (seed, seed+1, ...); objective = mean.
     n_seeds: int = 1
-    # Filled in by the sweeper for each trial.
-    name: str | None = None
-    storage: str | None = None
-    trial_number: int | None = None
-    parent_run_id: str | None = None
-    # Position of the trial in its parallel batch; picks its GPU (see hardware.trials_per_gpu).
-    slot: int | None = None
 
     def __post_init__(self) -> None:
         _check(

@@ -10,7 +10,6 @@ and ``resume`` continues from such a checkpoint at the next epoch, with the same
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
 from zsharp_sweeps.build import AMP_DTYPES, build_step, to_memory_format
 from zsharp_sweeps.checkpoint import Checkpointer, TrainingState, restore
-from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.console import epoch_line, show_progress_bars
 from zsharp_sweeps.schedule import build_scheduler
@@ -42,11 +41,6 @@ class FitResult:
 
     history: list[dict[str, float]] = field(default_factory=list)
     summary: dict[str, float] = field(default_factory=dict)
-
-
-#: Steps of the first epoch run under CUDA_EXCLUSIVE: past CudaGraphStep's warm-up (3) and
-#: its capture (step 4), so every kernel the loop uses has been loaded once.
-_FIRST_STEPS_EXCLUSIVE = 5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,21 +134,14 @@ def fit(
             total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
             disable=not bars, dynamic_ncols=True,
         )
-        # The first steps of a run (loader, step, metric kernels used for the first time, CUDA
-        # graph warm-up and capture) hold the process-wide lock: see zsharp_sweeps.concurrency.
-        with contextlib.ExitStack() as first_steps:
-            if epoch == start_epoch:
-                first_steps.enter_context(CUDA_EXCLUSIVE)
-            for step, (inputs, targets) in enumerate(data.train):
-                if step >= steps:
-                    break
-                loss, logits = run_step(inputs, targets)
-                loss_sum += loss.float() * targets.numel()
-                correct += (logits.argmax(dim=1) == targets).sum()
-                seen += targets.numel()
-                bar.update(1)
-                if step + 1 == _FIRST_STEPS_EXCLUSIVE:
-                    first_steps.close()  # releases the lock (a no-op after the first epoch)
+        for step, (inputs, targets) in enumerate(data.train):
+            if step >= steps:
+                break
+            loss, logits = run_step(inputs, targets)
+            loss_sum += loss.float() * targets.numel()
+            correct += (logits.argmax(dim=1) == targets).sum()
+            seen += targets.numel()
+            bar.update(1)
         bar.close()
         if device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()  # this trial's work only
@@ -175,19 +162,21 @@ def fit(
                 f"(optimizer.lr={cfg.optimizer.lr}, optimizer.rho={cfg.optimizer.rho})"
             )
         scheduler.step()
-        with CUDA_EXCLUSIVE:  # eager evaluation/sharpness: see zsharp_sweeps.concurrency
-            if data.val is not None:
-                metrics["val_loss"], metrics["val_acc"] = evaluate(
-                    step_model, data.val, amp_dtype=amp_dtype, channels_last=hw.channels_last
-                )
-                best_val_acc = max(best_val_acc, metrics["val_acc"])
-            is_last = epoch == tcfg.epochs
-            if tcfg.eval_test_every_epoch or is_last:
-                metrics["test_loss"], metrics["test_acc"] = evaluate(
-                    step_model, data.test, amp_dtype=amp_dtype, channels_last=hw.channels_last
-                )
-            if sharpness_fn is not None:
-                metrics.update(sharpness_fn(model, epoch, is_last))
+        if data.val is not None:
+            metrics["val_loss"], metrics["val_acc"] = evaluate(
+                step_model, data.val, amp_dtype=amp_dtype, channels_last=hw.channels_last
+            )
+            best_val_acc = max(best_val_acc, metrics["val_acc"])
+        is_last = epoch == tcfg.epochs
+        if tcfg.eval_test_every_epoch or is_last:
+            metrics["test_loss"], metrics["test_acc"] = evaluate(
+                step_model, data.test, amp_dtype=amp_dtype, channels_last=hw.channels_last
+            )
+        if sharpness_fn is not None:
+            metrics.update(sharpness_fn(model, epoch, is_last))
+        # The whole epoch (training, evaluation, sharpness): a sweep's fixed cost per trial is
+        # its wall time minus the sum of these.
+        metrics["epoch_wall_s"] = time.perf_counter() - start
         result.history.append({"epoch": epoch, **metrics})
         epochs.set_postfix(
             {k: f"{metrics[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in metrics}

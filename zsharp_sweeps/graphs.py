@@ -37,8 +37,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
-
 log = logging.getLogger(__name__)
 
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -211,18 +209,14 @@ class CudaGraphStep:
         for generator in generators:
             graph.register_generator_state(generator)
         self._synchronize()
-        # thread_local: other threads (concurrent trials of the streams launcher) may keep
-        # launching work while this one captures.
+        # thread_local: a capture does not forbid CUDA calls of other threads (a user's data
+        # pipeline, a logging thread) while it records this one's.
         with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             outputs = self.step(inputs, targets)
         return graph, outputs
 
     def _replay(self) -> None:
-        # Replays share the CUDA generator's graph-safe state with captures elsewhere in the
-        # process ("Cannot prepare for replay during capturing stage"): launch under the lock
-        # (the host call only; the GPU still runs the graphs of several trials at once).
-        with CUDA_EXCLUSIVE:
-            self.graph.replay()
+        self.graph.replay()
 
     def _synchronize(self) -> None:
         torch.cuda.current_stream().synchronize()
@@ -267,15 +261,13 @@ class CudaGraphStep:
     def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         self.calls += 1
         if self.disabled or self.calls <= self.warmup:
-            with CUDA_EXCLUSIVE:  # first steps create handles and load kernels (see concurrency)
-                if self.disabled:
-                    return self.step(inputs, targets)
-                return self._eager(inputs, targets)
+            if self.disabled:
+                return self.step(inputs, targets)
+            return self._eager(inputs, targets)
         key = self._key(inputs)
         if key != self.graph_key or self._state_replaced():
             try:
-                with CUDA_EXCLUSIVE:
-                    self._capture(inputs, targets, key)
+                self._capture(inputs, targets, key)
             except CaptureUnsafeError:
                 raise
             except Exception as exc:  # e.g. a host sync inside the step

@@ -35,12 +35,29 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
     opens its own lock), which the one-process stream launcher relies on.
     """
     path = sqlite_path(url)
-    if path is None:
+    if path is None or _initialised(path):
+        # A store whose schema exists needs no lock: opening it in parallel is safe, and
+        # serialising it made N sweep workers start one after another (~5 s each on a GPU
+        # host, where a first MLflow client spends that long importing and checking).
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock"))):
         yield
+
+
+def _initialised(path) -> bool:
+    """Whether the SQLite file at ``path`` already holds a migrated schema (MLflow and Optuna
+    both record theirs in ``alembic_version``)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=5)) as db:
+            row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return False
+    return row is not None
 
 
 def _is_sqlite_busy(exc: BaseException) -> bool:

@@ -7,12 +7,10 @@ float so Hydra's Optuna sweeper can use it. ``run_training`` is the same without
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -26,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from zsharp_sweeps.build import build_parts
 from zsharp_sweeps.checkpoint import Checkpointer, checkpoint_dir_for, prepare_resume
-from zsharp_sweeps.concurrency import CUDA_EXCLUSIVE
 from zsharp_sweeps.config import (
     ConfigError,
     TrainConfig,
@@ -34,10 +31,14 @@ from zsharp_sweeps.config import (
     section,
     validate,
 )
+from zsharp_sweeps.data import DatasetUnavailableError, ensure_available
 from zsharp_sweeps.engine import EpochCallback, fit
+from zsharp_sweeps.health import learning_problem
 from zsharp_sweeps.metrics.sharpness import compute_sharpness
 from zsharp_sweeps.plots import plot_curves
-from zsharp_sweeps.sweep import StudyReporter, assign_device
+from zsharp_sweeps.signals import exit_code, sigterm_as_interrupt
+from zsharp_sweeps.sweep.context import DataCache, TrialContext
+from zsharp_sweeps.sweep.trial import TrialReporter
 from zsharp_sweeps.tracking import Tracker, flatten, git_commit, overrides_as_params
 
 log = logging.getLogger(__name__)
@@ -48,15 +49,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 register_configs()
 
 
-def resolve_device(
-    requested: str, slot: int | None = None, trials_per_gpu: int = 1
-) -> torch.device:
+def resolve_device(requested: str) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error.
 
-    In a parallel sweep (``slot`` set) each trial gets its own GPU, see ``assign_device``.
+    A sweep worker passes its own device (``cuda:N``, or ``cpu:N``: a CPU worker's label).
     """
-    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    requested = assign_device(requested, slot, n_gpus, trials_per_gpu)
     if requested == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -67,6 +64,11 @@ def resolve_device(
         raise ConfigError(
             f"hardware.device={requested!r} but CUDA is not available on this machine: "
             "allowed here: auto, cpu"
+        )
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"hardware.device={requested!r} but this machine has {torch.cuda.device_count()} "
+            f"CUDA device(s): allowed cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
         )
     if requested == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("hardware.device='mps' but MPS is not available: allowed here: auto, cpu")
@@ -124,22 +126,26 @@ def run_training(
     callbacks: Sequence[EpochCallback] = (),
     parent_run_id: str | None = None,
     run_tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+    device: str | None = None,
+    data_cache: DataCache | None = None,
+    new_run_on_resume: bool = False,
 ) -> dict[str, float]:
     """Validate, build, fit and record one training run; returns the summary metrics.
 
     Validation happens before anything is built or any MLflow run is opened, so a bad
-    value costs nothing and leaves nothing half-written.
+    value costs nothing and leaves nothing half-written. A sweep worker passes its
+    ``device`` and its warm ``data_cache``.
     """
     train_cfg = cfg if isinstance(cfg, TrainConfig) else validate(cfg)
-    device = resolve_device(
-        train_cfg.hardware.device, train_cfg.study.slot, train_cfg.hardware.trials_per_gpu
-    )
+    device_label = device or train_cfg.hardware.device
+    torch_device = resolve_device(device_label)
     if train_cfg.hardware.cuda_graph and (
-        device.type != "cuda" or train_cfg.hardware.precision == "fp16"
+        torch_device.type != "cuda" or train_cfg.hardware.precision == "fp16"
     ):
         raise ConfigError(
             f"hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 (got "
-            f"device {device}, precision {train_cfg.hardware.precision}): allowed here "
+            f"device {torch_device}, precision {train_cfg.hardware.precision}): allowed here "
             "hardware.cuda_graph=false"
         )
     if train_cfg.data.val_size == 0:
@@ -147,49 +153,53 @@ def run_training(
             "data.val_size=0 leaves no validation split, but the objective and best_val_acc are "
             "measured on it (the test set is never tuned on): allowed data.val_size >= 1"
         )
-    if device.type == "cuda" and device.index is not None:
-        # Streams, CUDA graphs and cuDNN work on the *current* device: make it this trial's.
-        torch.cuda.set_device(device)
+    if torch_device.type == "cuda" and torch_device.index is not None:
+        # Streams, CUDA graphs and cuDNN work on the *current* device: make it this run's.
+        torch.cuda.set_device(torch_device)
     if train_cfg.hardware.num_threads:
         torch.set_num_threads(train_cfg.hardware.num_threads)
-    with _trial_stream(device):
-        return _run_training(
-            train_cfg, device, overrides=overrides, callbacks=callbacks,
-            parent_run_id=parent_run_id, run_tags=run_tags,
-        )
-
-
-def _trial_stream(device: torch.device) -> contextlib.AbstractContextManager:
-    """A CUDA stream of its own for a run off the main thread (a concurrent sweep trial):
-    kernels of different streams run at once, those of one stream one after another."""
-    if device.type == "cuda" and threading.current_thread() is not threading.main_thread():
-        return torch.cuda.stream(torch.cuda.Stream(device))
-    return contextlib.nullcontext()
+    return _run_training(
+        train_cfg, torch_device, device_label, overrides=overrides, callbacks=callbacks,
+        parent_run_id=parent_run_id, run_tags=run_tags, run_name=run_name,
+        data_cache=data_cache, new_run_on_resume=new_run_on_resume,
+    )
 
 
 def _run_training(
     train_cfg: TrainConfig,
     device: torch.device,
+    device_label: str,
     *,
     overrides: Sequence[str],
     callbacks: Sequence[EpochCallback],
     parent_run_id: str | None,
     run_tags: dict[str, str] | None,
+    run_name: str | None,
+    data_cache: DataCache | None,
+    new_run_on_resume: bool,
 ) -> dict[str, float]:
     resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
     # trainer.resume is checked (path, config) before any MLflow run is opened.
     resume = prepare_resume(train_cfg, resolved)
     checkpoint_dir = checkpoint_dir_for(train_cfg)
+    # Files on disk (downloaded if allowed) before the MLflow run opens: a dataset that
+    # cannot be had is one error line, not a FAILED run.
+    ensure_available(train_cfg.data)
 
     tracker = Tracker(train_cfg.tracking)
-    tags = {**identity_tags(train_cfg), "device": str(device), **(run_tags or {})}
+    tags = {**identity_tags(train_cfg), "device": device_label if ":" in device_label
+            else str(device), **(run_tags or {})}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git_commit"] = commit
-    run_name = default_run_name(train_cfg)
+    run_name = run_name or default_run_name(train_cfg)
     started = time.perf_counter()
     resume_run_id = resume.run_id if resume is not None else None
+    if resume_run_id is not None and new_run_on_resume:
+        # A sweep's retried trial: the killed attempt's run stays KILLED, this one links it.
+        tags["resumed_from"] = resume_run_id
+        resume_run_id = None
     with tracker.run(run_name=run_name, tags=tags, parent_run_id=parent_run_id,
                      resume_run_id=resume_run_id):
         # Resumed into its own run: params and config are there already (and params cannot
@@ -202,12 +212,9 @@ def _run_training(
             tracker.log_text(OmegaConf.to_yaml(resolved), "config/resolved.yaml")
             tracker.log_text("\n".join(overrides) + "\n", "config/overrides.txt")
 
-        # Exclusive (zsharp_sweeps.concurrency): concurrent trials, threads of the
-        # zsharp_streams launcher, each get their seed's weights, and device setup stays clear
-        # of other trials' CUDA graph captures.
-        with CUDA_EXCLUSIVE:
-            seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
-            data, model, optimizer = build_parts(train_cfg, device)
+        seed_everything(train_cfg.seed, train_cfg.hardware.deterministic)
+        data = data_cache.get(train_cfg.data, device, train_cfg.seed) if data_cache else None
+        data, model, optimizer = build_parts(train_cfg, device, data=data)
         tracker.log_params(
             {
                 "num_params": sum(p.numel() for p in model.parameters()),
@@ -239,6 +246,11 @@ def _run_training(
             if checkpointer is not None and getattr(exc, "run_state", None) == "PRUNED":
                 checkpointer.finish()
             raise  # anything else keeps its checkpoints, to resume from
+        problem = learning_problem(result.history, data.num_classes, data.num_val,
+                                   data.num_train)
+        if problem is not None:  # a run that did not learn says so (log and MLflow tag)
+            log.warning("%s: %s", run_name, problem.message)
+            tracker.set_tags({"learning": problem.verdict, "learning_warning": problem.message})
         last_sharpness = {
             k: v for k, v in result.history[-1].items() if k.startswith("sharpness/")
         }
@@ -269,47 +281,57 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-def run_experiment(cfg: TrainConfig, *, overrides: Sequence[str] = ()) -> dict[str, float]:
+def run_experiment(
+    cfg: TrainConfig, *, overrides: Sequence[str] = (), context: TrialContext | None = None
+) -> dict[str, float]:
     """One configuration: a single run, or ``study.n_seeds`` runs whose summaries are averaged.
 
-    Inside a sweep (``study.name`` set by the sweeper) the run is a child of the sweep's
-    MLflow run, reports every epoch to its Optuna trial and stops when pruned. With several
-    seeds, one MLflow run per configuration holds the per-epoch means and the mean +- std
-    of the summary, and each seed is a run nested under it; pruning judges the first seed.
+    Inside a sweep (``context`` given by the worker) the run is a child of the sweep's
+    MLflow run, named after its trial, runs on the worker's device with its warm data,
+    reports every epoch to its Optuna trial and stops when pruned. With several seeds, one
+    MLflow run per configuration holds the per-epoch means and the mean +- std of the
+    summary, and each seed is a run nested under it; pruning judges the first seed.
     """
     study = cfg.study
     tags: dict[str, str] = {}
     callbacks: list[EpochCallback] = []
-    if study.name is not None and study.trial_number is not None:
-        tags = {"study_name": study.name, "trial_number": str(study.trial_number)}
-        if study.storage is not None:
-            callbacks.append(StudyReporter(study, cfg.objectives[0]))
+    parent_run_id = device = data_cache = None
+    name = default_run_name(cfg)
+    if context is not None:
+        tags = dict(context.tags)
+        callbacks = [TrialReporter(context.trial, cfg.objectives[0], context.n_objectives),
+                     *context.callbacks]
+        parent_run_id, device, data_cache = (
+            context.parent_run_id, context.device, context.data_cache
+        )
+        name = context.run_name
     if study.n_seeds == 1:
         return run_training(
-            cfg, overrides=overrides, callbacks=callbacks,
-            parent_run_id=study.parent_run_id, run_tags=tags,
+            cfg, overrides=overrides, callbacks=callbacks, parent_run_id=parent_run_id,
+            run_tags=tags, run_name=name if context else None, device=device,
+            data_cache=data_cache, new_run_on_resume=context is not None,
         )
 
     tracker = Tracker(cfg.tracking)
-    name = default_run_name(cfg)
     group_tags = {
         **tags, **identity_tags(cfg), "n_seeds": str(study.n_seeds),
     }
-    with tracker.run(run_name=f"{name}-x{study.n_seeds}seeds", tags=group_tags,
-                     parent_run_id=study.parent_run_id):
+    group_name = name if context else f"{name}-x{study.n_seeds}seeds"
+    with tracker.run(run_name=group_name, tags=group_tags, parent_run_id=parent_run_id):
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         tracker.log_params(flatten(resolved))
         histories: list[list[dict[str, float]]] = []
         summaries: list[dict[str, float]] = []
         for i in range(study.n_seeds):
-            seed_cfg = replace(cfg, seed=cfg.seed + i, tracking=replace(
-                cfg.tracking, run_name=f"{name}-seed{cfg.seed + i}"))
+            seed_cfg = replace(cfg, seed=cfg.seed + i)
             history: list[dict[str, float]] = []
             summaries.append(run_training(
                 seed_cfg, overrides=overrides,
                 callbacks=[*(callbacks if i == 0 else []),
                            lambda epoch, m, h=history: h.append(dict(m))],
                 parent_run_id=tracker.run_id, run_tags={**tags, "seed": str(cfg.seed + i)},
+                run_name=f"{name} seed={cfg.seed + i}", device=device, data_cache=data_cache,
+                new_run_on_resume=context is not None,
             ))
             histories.append(history)
         for epoch_idx in range(cfg.trainer.epochs):
@@ -346,53 +368,52 @@ def _task_overrides() -> list[str]:
         return []
 
 
-def _is_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
-
-
-def _record_rejected_trial(cfg: DictConfig, overrides: Sequence[str], error: Exception) -> None:
+def record_rejected_trial(
+    cfg: DictConfig, overrides: Sequence[str], error: Exception, context: TrialContext
+) -> None:
     """A sweep trial whose config is invalid still gets its (FAILED) MLflow child run."""
     try:
-        tracking, study = section(cfg, "tracking"), section(cfg, "study")
+        tracking = section(cfg, "tracking")
     except Exception:  # the tracking section itself is broken: nothing to record into
         return
-    if not tracking.enabled or study.trial_number is None:
+    if not tracking.enabled:
         return
     tracker = Tracker(tracking)
-    tags = {"study_name": str(study.name), "trial_number": str(study.trial_number)}
     try:
-        with tracker.run(run_name=f"trial-{study.trial_number}-rejected", tags=tags,
-                         parent_run_id=study.parent_run_id):
+        with tracker.run(run_name=f"{context.run_name} (rejected)", tags=context.tags,
+                         parent_run_id=context.parent_run_id):
             tracker.log_params(overrides_as_params(overrides))
             raise error
     except ConfigError:
         pass
 
 
-@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+# No version_base: Hydra 1.4 deprecates the argument (it warned on every command, --help too).
+@hydra.main(config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | tuple[float, ...]:
-    """Hydra's task function: one training run; returns the objective(s) for the sweeper."""
+    """Hydra's task function: one training run; returns the objective(s) for the sweeper.
+
+    Bad input (a setting, the tracking store, a dataset that cannot be had or whose files
+    do not fit) ends with one line on stderr and exit status 2. SIGTERM (kill, SLURM,
+    docker stop) and Ctrl-C end the MLflow run KILLED and the process with status
+    128 + the signal number.
+    """
     try:
-        train_cfg = validate(cfg)
-        summary = run_experiment(train_cfg, overrides=_task_overrides())
-    except ConfigError as exc:
-        if _is_multirun():
-            _record_rejected_trial(cfg, _task_overrides(), exc)
-            raise  # the sweeper records this trial as failed and goes on
+        with sigterm_as_interrupt():
+            train_cfg = validate(cfg)
+            summary = run_experiment(train_cfg, overrides=_task_overrides())
+    except (ConfigError, DatasetUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"stopped ({exc or 'Ctrl-C'}): the run ends KILLED", file=sys.stderr)
+        sys.exit(exit_code(exc))
     return objective_values(train_cfg, summary)
 
 
 if __name__ == "__main__":
-    # Run the copy imported under the package name, not this ``__main__`` module: parallel
-    # launchers (joblib/loky) pickle the task function by reference, which needs a module
+    # Run the copy imported under the package name, not this ``__main__`` module: launchers
+    # (joblib/loky, submitit) pickle the task function by reference, which needs a module
     # other processes can import.
     from zsharp_sweeps.train import main as entry_point
 

@@ -300,8 +300,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         try:
             with stop.installed():
                 returns = self._launch(plan)
-            error = next((r._return_value for r in returns
-                          if r.status.name == "FAILED"), None)
+            error = self._worker_error(returns, study)
             # A worker in this process (n_jobs=1) receives the signal itself.
             stopped = [r.return_value["stopped"] for r in returns
                        if r.status.name == "COMPLETED" and r.return_value.get("stopped")]
@@ -320,6 +319,25 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             sys.exit(stop.exit_code)
         if error is not None:
             raise error
+
+    def _worker_error(self, returns: list, study: optuna.Study) -> BaseException | None:
+        """The error that makes the sweep fail, if any. A worker that died (its trial is
+        retried by the others) only fails the sweep if the study was left unfinished."""
+        from hydra_plugins.zsharp_workers_launcher.launcher import WorkerDied
+
+        errors = [r._return_value for r in returns if r.status.name == "FAILED"]
+        died = [e for e in errors if isinstance(e, WorkerDied)]
+        for exc in died:
+            log.warning(f"{exc}: its trial was failed by the heartbeat and retried")
+        others = [e for e in errors if not isinstance(e, WorkerDied)]
+        if others:
+            return others[0]
+        if died and not progress(study).done(self.n_trials):
+            return RuntimeError(
+                f"{len(died)} worker(s) died and the study is unfinished "
+                f"({progress(study).finished}/{self.n_trials}): rerun the command to resume"
+            )
+        return None
 
     def _launch(self, plan: SweepPlan) -> list:
         """Start this host's workers through the configured launcher and wait for them."""

@@ -19,7 +19,7 @@ def test_two_workers_on_two_gpus_run_more_trials_than_workers(tmp_path: Path) ->
         base=("--multirun", "+sweep=zsharp_rho_qp_lr", "data=digits", "trainer.progress=false",
               "sharpness.num_batches=1", "sharpness.batch_size=32"),
     )
-    trials = load_study(tmp_path).get_trials()
+    trials = load_study(tmp_path, "zsharp_rho_qp_lr-resnet20-digits").get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     devices = {t.user_attrs["worker"]["device"] for t in trials}
     assert devices == {"cuda:0", "cuda:1"}

@@ -1,1 +1,0 @@
-"""``hydra/launcher=zsharp_streams``: a sweep's parallel trials as threads of one process."""
