@@ -114,7 +114,8 @@ def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_run_writes_to_the_default_store_under_mlruns(tmp_path: Path) -> None:
     proc = _cli(
         ["data=digits", "hardware=cpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=2",
-         "model=resnet20", "optimizer=sgd", "sharpness=none", "trainer.progress=false"],
+         "model=mlp", "model.params.hidden=16", "optimizer=sgd", "sharpness=none",
+         "trainer.progress=false"],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
