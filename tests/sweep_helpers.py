@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
+from zsharp_sweeps.locks import sqlite_initialised
 from zsharp_sweeps.sweep.lifecycle import pid_alive  # noqa: F401  re-exported for tests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +117,11 @@ def _safe(condition: Callable[[], object]) -> object:
 
 
 def running_trials_with_reports(cwd: Path, name: str = STUDY) -> list:
-    """RUNNING trials that reported at least one epoch (well inside their training)."""
+    """RUNNING trials that reported at least one epoch (well inside their training). Reads
+    only a storage the sweep has finished creating: opening a new SQLite file creates
+    Optuna's tables, which would race the sweep's own creation."""
+    if not sqlite_initialised(cwd / "multirun" / name / "optuna.db"):
+        return []
     study = load_study(cwd, name)
     return [t for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values]

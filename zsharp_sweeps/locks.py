@@ -20,7 +20,7 @@ from filelock import FileLock
 
 from zsharp_sweeps.uris import sqlite_path
 
-__all__ = ["is_database_locked", "sqlite_init_lock", "sqlite_path"]
+__all__ = ["is_database_locked", "sqlite_init_lock", "sqlite_initialised", "sqlite_path"]
 
 # SQLITE_BUSY and SQLITE_LOCKED (sqlite3 exposes the names from Python 3.11 on).
 _BUSY_CODES = (5, 6)
@@ -35,7 +35,7 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
     opens its own lock), which the one-process stream launcher relies on.
     """
     path = sqlite_path(url)
-    if path is None or _initialised(path):
+    if path is None or sqlite_initialised(path):
         # A store whose schema exists needs no lock: opening it in parallel is safe, and
         # serialising it made N sweep workers start one after another (~5 s each on a GPU
         # host, where a first MLflow client spends that long importing and checking).
@@ -46,7 +46,7 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
         yield
 
 
-def _initialised(path) -> bool:
+def sqlite_initialised(path) -> bool:
     """Whether the SQLite file at ``path`` already holds a migrated schema (MLflow and Optuna
     both record theirs in ``alembic_version``)."""
     if not path.is_file() or path.stat().st_size == 0:

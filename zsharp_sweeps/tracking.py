@@ -321,6 +321,12 @@ class Tracker:
         """Continue the existing run ``run_id`` (set RUNNING again); False if it is gone."""
         return self._reopen(run_id, {}) is not None
 
+    def discard(self, run_id: str) -> None:
+        """Delete a run that should not have been made (a duplicate sweep parent run)."""
+        _retry(self._client.delete_run, run_id)
+        if self.run_id == run_id:
+            self.run_id = None
+
     def end(self, status: str) -> None:
         """Close the run opened by ``start``/``reopen`` with MLflow ``status``."""
         state = {"FINISHED": "COMPLETE"}.get(status, status)

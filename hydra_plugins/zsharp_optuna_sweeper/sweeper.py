@@ -28,15 +28,18 @@ What it changes (see ``zsharp_sweeps/sweep/worker.py`` for the worker side):
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import socket
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
 from hydra.types import HydraContext, TaskFunction
@@ -66,6 +69,12 @@ def _sqlite_absolute(url: str) -> str:
     if url.startswith(prefix) and not url.startswith(prefix + "/"):
         return prefix + str(Path(url[len(prefix) :]).resolve())
     return url
+
+
+def _study_key(storage: str, study_name: str) -> str:
+    """Names one study in one storage, without writing the storage URL (it may hold a
+    password) into MLflow."""
+    return hashlib.sha256(f"{storage}\n{study_name}".encode()).hexdigest()[:16]
 
 
 def _fail(message: str) -> None:
@@ -159,13 +168,23 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         from zsharp_sweeps.sweep.trial import build_pruner
 
         directions = [d.lower() for d in self._get_directions()]
-        with sqlite_init_lock(storage):  # several sweeps may create the schema together
-            rdb = open_storage(self._plan_stub(storage))
-            study = optuna.create_study(
-                study_name=self.study_name or "study", storage=rdb,
-                pruner=build_pruner(section(self.config, "study")),
-                directions=directions, load_if_exists=True,
-            )
+        for attempt in range(5):
+            try:
+                # SQLite: serialise the first touch; a server database (hosts started
+                # together) may see another host's half-made schema: retry after it.
+                with sqlite_init_lock(storage):
+                    rdb = open_storage(self._plan_stub(storage))
+                    study = optuna.create_study(
+                        study_name=self.study_name or "study", storage=rdb,
+                        pruner=build_pruner(section(self.config, "study")),
+                        directions=directions, load_if_exists=True,
+                    )
+                break
+            except sqlalchemy.exc.DBAPIError as exc:
+                if attempt == 4:
+                    raise
+                log.info(f"Storage busy being created elsewhere ({type(exc).__name__}): retrying")
+                time.sleep(1.0 + attempt)
         stored = [d.name.lower() for d in study.directions]
         if stored != directions:
             _fail(
@@ -206,10 +225,18 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         run_id = study.user_attrs.get(PARENT_RUN_ATTR)
         if run_id is not None and tracker.reopen(run_id):
             return run_id
+        key = _study_key(self._storage_url(), study.study_name)
         run_id = tracker.start(
             run_name=f"sweep {study.study_name}",
-            tags={"sweep": "true", "study_name": study.study_name},
+            tags={"sweep": "true", "study_name": study.study_name, "study_key": key},
         )
+        # Hosts started together may each have created one: all keep the oldest.
+        chosen = self._oldest_parent(tracker, key) or run_id
+        if chosen != run_id:
+            tracker.discard(run_id)
+            tracker.reopen(chosen)
+            study.set_user_attr(PARENT_RUN_ATTR, chosen)
+            return chosen
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         params = {
             "study_name": study.study_name,
@@ -220,6 +247,20 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         }
         tracker.log_params(params)
         return run_id
+
+    @staticmethod
+    def _oldest_parent(tracker: Tracker, key: str) -> str | None:
+        """The first parent run created for this new study (ties: the smallest id). Only
+        RUNNING ones: a finished sweep of an older study with the same name is not this one."""
+        from mlflow.tracking import MlflowClient
+
+        runs = MlflowClient(tracker.uri).search_runs(
+            [tracker.experiment_id],
+            filter_string=f"tags.study_key = '{key}' and attributes.status = 'RUNNING'",
+        )
+        if not runs:
+            return None
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
 
     def _finish_parent(self, tracker: Tracker, study: optuna.Study, status: str,
                        report: list[Path]) -> None:
@@ -348,7 +389,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         host = socket.gethostname()
         n_workers = max(1, self.n_jobs)
         jobs = [
-            [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{i}"]
+            [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{os.getpid()}-{i}"]
             for i in range(n_workers)
         ]
         devices = ", ".join(plan.device_for(i) for i in range(n_workers))
