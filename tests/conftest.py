@@ -67,6 +67,24 @@ def make_cfg(mlflow_uri: str, experiment_name: str) -> Callable[..., DictConfig]
 
     return _make
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An initialised (migrated) MLflow SQLite database, made once per session."""
+    from .sweep_helpers import make_mlflow_template
+
+    return make_mlflow_template(tmp_path_factory.mktemp("mlflow-template"))
+
+
+@pytest.fixture
+def cwd(tmp_path: Path, mlflow_template: Path) -> Path:
+    """A working directory for an end-to-end sweep: ``tmp_path`` with a ready MLflow store
+    where the sweep looks by default (creating one runs migrations for seconds)."""
+    from .sweep_helpers import seed_mlflow_store
+
+    seed_mlflow_store(mlflow_template, tmp_path)
+    return tmp_path
+
+
 # GPU-only tests: collected where CUDA exists, absent (not skipped) elsewhere.
 collect_ignore = [] if torch.cuda.is_available() else ["gpu"]
 

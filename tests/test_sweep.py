@@ -22,10 +22,8 @@ from .sweep_helpers import (
     STUDY,
     env,
     load_study,
-    make_mlflow_template,
     mlflow_runs,
     run_sweep,
-    seed_mlflow_store,
     start_sweep,
     storage_url,
 )
@@ -36,17 +34,6 @@ GRID = ("--multirun", "+sweep=percentile_grid", "data=digits", "hardware=cpu", "
         "model.params.hidden=16", "trainer.epochs=1", "trainer.progress=false",
         "sharpness.num_batches=1", "sharpness.batch_size=32")
 GRID_STUDY = "percentile_grid-mlp-digits"
-
-
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mlflow_template(tmp_path_factory.mktemp("mlflow-template"))
-
-
-@pytest.fixture
-def cwd(tmp_path: Path, mlflow_template: Path) -> Path:
-    seed_mlflow_store(mlflow_template, tmp_path)
-    return tmp_path
 
 
 def test_two_workers_pull_trials_asynchronously_on_their_own_devices(cwd: Path) -> None:

@@ -17,12 +17,10 @@ from zsharp_sweeps.sweep.progress import INTERRUPTED_ATTR, counts_toward_study, 
 
 from .sweep_helpers import (
     load_study,
-    make_mlflow_template,
     mlflow_runs,
     pid_alive,
     run_sweep,
     running_trials_with_reports,
-    seed_mlflow_store,
     start_sweep,
     wait_for,
 )
@@ -32,17 +30,6 @@ pytestmark = pytest.mark.slow
 # Trials long enough to be caught mid-training (an epoch of this MLP takes ~0.1 s).
 LONG = ("trainer.epochs=40", "hydra.sweeper.heartbeat_interval=1",
         "hydra.sweeper.grace_period=4")
-
-
-@pytest.fixture(scope="module")
-def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_mlflow_template(tmp_path_factory.mktemp("mlflow-template"))
-
-
-@pytest.fixture
-def cwd(tmp_path: Path, mlflow_template: Path) -> Path:
-    seed_mlflow_store(mlflow_template, tmp_path)
-    return tmp_path
 
 
 def _worker_pids(cwd: Path) -> set[int]:
@@ -105,20 +92,29 @@ def test_ctrl_c_of_an_in_process_sweep_fails_the_trial_and_kills_the_run(cwd: Pa
 
 def test_sigkill_of_the_main_process_leaves_no_worker_running(cwd: Path) -> None:
     proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *LONG)
-    wait_for(lambda: len(running_trials_with_reports(cwd)) == 2, 180,
-             "both workers training", proc)
+    # Both workers well inside a trial (far from its last epoch, so none ends on its own
+    # while the workers notice).
+    running = wait_for(
+        lambda: [t for t in running_trials_with_reports(cwd) if len(t.intermediate_values) < 25]
+        if len(running_trials_with_reports(cwd)) == 2 else [],
+        180, "both workers training", proc,
+    )
     pids = _worker_pids(cwd)
     proc.kill()
     proc.wait(timeout=10)
     for pid in pids:
         wait_for(lambda pid=pid: not pid_alive(pid), 15, f"orphaned worker {pid} to exit")
-    # The workers recorded their trials FAIL (retried) and their runs KILLED; only the
-    # parent run, whose process got no chance, is left for the resume to reopen.
+    # The workers recorded their trials FAIL (retried) and their runs KILLED: nothing
+    # finished behind the study's back, nothing is left RUNNING.
     trials = load_study(cwd).get_trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert not [t for t in trials if t.state == TrialState.COMPLETE]
+    for caught in running:
+        after = trials[caught.number]
+        assert after.state == TrialState.FAIL and after.user_attrs[INTERRUPTED_ATTR] is True
     _, _, children = mlflow_runs(cwd)
-    assert children and {c.info.status for c in children} == {"KILLED"}
+    status = {c.data.tags["trial_number"]: c.info.status for c in children}
+    assert {status[str(t.number)] for t in running} == {"KILLED"}
+    assert "RUNNING" not in status.values()
     _resume_completes(cwd, 4, "hydra.sweeper.n_jobs=2")
 
 

@@ -57,18 +57,11 @@ from zsharp_sweeps.sweep.progress import counts_toward_study, progress, retried_
 from zsharp_sweeps.sweep.sampling import corner_values, override_value, sampler_factory
 from zsharp_sweeps.sweep.worker import SweepPlan, open_storage, run_worker
 from zsharp_sweeps.tracking import Tracker, override_param_key
+from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
-
-
-def _sqlite_absolute(url: str) -> str:
-    """Workers may run elsewhere: make a relative sqlite path absolute."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        return prefix + str(Path(url[len(prefix) :]).resolve())
-    return url
 
 
 def _study_key(storage: str, study_name: str) -> str:
@@ -105,9 +98,9 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
     # ----- set-up ------------------------------------------------------------------------
     def _storage_url(self) -> str:
         if self.storage:
-            return _sqlite_absolute(str(self.storage))
+            return absolute_sqlite_url(str(self.storage))
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        return f"sqlite:///{sweep_dir / 'optuna.db'}"
+        return sqlite_url(sweep_dir / "optuna.db")
 
     def _search_space(self, arguments: list[str]) -> tuple[dict, list[str], dict | None]:
         """(distributions, the sweep's fixed overrides verbatim, the grid or None)."""
@@ -302,8 +295,8 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         storage = self._storage_url()
         self._check_urls(storage)
         self._check_configs(space, fixed)
-        if storage.startswith("sqlite:///"):
-            Path(storage[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if sqlite_path(storage) is not None:
+            sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
 
         study = self._open_study(storage)
         objectives = list(self.config.get("objectives", ["best_val_acc"]))
