@@ -7,7 +7,7 @@ TRACKING_URI ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///mlr
 ARGS ?=
 # Test processes (pytest-xdist); each uses one torch thread (tests/conftest.py). 0 = no xdist.
 TEST_WORKERS ?= 2
-TEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS))
+TEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
 
 .PHONY: help install test test-fast lint format train demo sweep ui bench clean
 

@@ -92,7 +92,12 @@ GPU_DIR = Path(__file__).resolve().parent / "gpu"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/gpu/ carries the ``gpu`` marker (``-m "not gpu"`` on a GPU host)."""
+    """Everything under tests/gpu/ carries the ``gpu`` marker (``-m "not gpu"`` on a GPU host).
+
+    Slow tests run first (stable order otherwise): with ``-n 2`` the long end-to-end tests
+    then start at once and the many short ones fill the gaps, instead of two long tests
+    starting last and leaving a tail with one core idle."""
     for item in items:
         if GPU_DIR in Path(item.fspath).parents:
             item.add_marker(pytest.mark.gpu)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
