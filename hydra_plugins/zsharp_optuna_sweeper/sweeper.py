@@ -166,7 +166,9 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                 # SQLite: serialise the first touch; a server database (hosts started
                 # together) may see another host's half-made schema: retry after it.
                 with sqlite_init_lock(storage):
-                    rdb = open_storage(self._plan_stub(storage))
+                    rdb = open_storage(storage, heartbeat_interval=self.heartbeat_interval,
+                                       grace_period=self.grace_period,
+                                       max_retry=self.max_retry)
                     study = optuna.create_study(
                         study_name=self.study_name or "study", storage=rdb,
                         pruner=build_pruner(section(self.config, "study")),
@@ -186,17 +188,6 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                 "new hydra.sweeper.study_name"
             )
         return study
-
-    def _plan_stub(self, storage: str) -> SweepPlan:
-        """Just enough of a plan to open the storage the way workers do."""
-        return SweepPlan(
-            study_name="", storage=storage, n_trials=0, max_failure_rate=0.0, space={},
-            fixed_overrides=[], make_sampler=None, sampler_seed=None, study=None,  # type: ignore[arg-type]
-            objectives=[], config_name="", sweep_dir="", devices=["cpu"],
-            trials_per_device=1, main_pid=0, stop_file="",
-            heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period,
-            max_retry=self.max_retry,
-        )
 
     def _devices(self) -> list[str]:
         if self.devices:

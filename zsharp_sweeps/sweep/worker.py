@@ -99,21 +99,22 @@ class SweepPlan:
         return int(self.max_failure_rate * self.n_trials)
 
 
-def open_storage(plan: SweepPlan) -> optuna.storages.RDBStorage:
+def open_storage(url: str, *, heartbeat_interval: int, grace_period: int,
+                 max_retry: int) -> optuna.storages.RDBStorage:
     """The study's RDB storage with Optuna's heartbeat, so a dead worker's trial is noticed
-    by every other worker (after ``grace_period`` s) and retried."""
+    by every other worker (after ``grace_period`` s) and retried (up to ``max_retry``)."""
     engine_kwargs: dict[str, Any] = {}
-    if plan.storage.startswith("sqlite"):
+    if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
     with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            plan.storage,
+            url,
             engine_kwargs=engine_kwargs,
-            heartbeat_interval=plan.heartbeat_interval,
-            grace_period=plan.grace_period,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=plan.max_retry
+                max_retry=max_retry
             ),
         )
 
@@ -189,7 +190,10 @@ class Worker:
         self.device = self.plan.device_for(self.index)
         self.study = optuna.load_study(
             study_name=self.plan.study_name,
-            storage=open_storage(self.plan),
+            storage=open_storage(self.plan.storage,
+                                 heartbeat_interval=self.plan.heartbeat_interval,
+                                 grace_period=self.plan.grace_period,
+                                 max_retry=self.plan.max_retry),
             sampler=TrialSeededSampler(self.plan.make_sampler, self.plan.sampler_seed),
             pruner=build_pruner(self.plan.study),
         )
