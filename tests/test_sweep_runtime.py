@@ -18,6 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from zsharp_sweeps.config import StudyConfig
+from zsharp_sweeps.signals import Terminated, check_stop, graceful_stop, stop_pending
 from zsharp_sweeps.sweep import build_pruner
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.progress import (
@@ -152,6 +153,20 @@ def test_stop_request_writes_the_stop_file_and_exit_code(tmp_path: Path) -> None
             time.sleep(0.1)
     assert not (tmp_path / "stop").exists()
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_graceful_stop_waits_for_a_safe_point_and_a_second_signal_stops_at_once() -> None:
+    with graceful_stop():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # delivered: nothing raised mid-work, only remembered
+        assert stop_pending()
+        with pytest.raises(Terminated):
+            check_stop()
+        with pytest.raises(KeyboardInterrupt):  # a second signal does not wait
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert not stop_pending()
+    check_stop()  # outside the block: nothing pending, nothing raised
 
 
 def test_watchdog_turns_the_stop_file_into_sigterm(tmp_path: Path) -> None:

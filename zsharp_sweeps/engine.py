@@ -27,6 +27,7 @@ from zsharp_sweeps.checkpoint import Checkpointer, TrainingState, restore
 from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.console import epoch_line, show_progress_bars
 from zsharp_sweeps.schedule import build_scheduler
+from zsharp_sweeps.signals import check_stop
 
 __all__ = ["AMP_DTYPES", "EpochCallback", "FitResult", "NonFiniteLossError", "evaluate", "fit"]
 
@@ -137,6 +138,7 @@ def fit(
         for step, (inputs, targets) in enumerate(data.train):
             if step >= steps:
                 break
+            check_stop()  # a sweep worker asked to stop: here, between steps, it is safe
             loss, logits = run_step(inputs, targets)
             loss_sum += loss.float() * targets.numel()
             correct += (logits.argmax(dim=1) == targets).sum()
@@ -174,6 +176,7 @@ def fit(
             )
         if sharpness_fn is not None:
             metrics.update(sharpness_fn(model, epoch, is_last))
+        check_stop()
         # The whole epoch (training, evaluation, sharpness): a sweep's fixed cost per trial is
         # its wall time minus the sum of these.
         metrics["epoch_wall_s"] = time.perf_counter() - start

@@ -19,7 +19,10 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["Terminated", "sigterm_as_interrupt", "exit_code"]
+__all__ = [
+    "Terminated", "check_stop", "exit_code", "graceful_stop", "sigterm_as_interrupt",
+    "stop_pending",
+]
 
 
 class Terminated(KeyboardInterrupt):
@@ -50,6 +53,57 @@ def sigterm_as_interrupt() -> Iterator[None]:
     finally:
         # None: the old handler was not installed from Python; the default is the closest.
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+#: The signal a ``graceful_stop`` block received and has not acted on yet.
+_pending: int | None = None
+
+
+def _interruption(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
+
+
+def _defer(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    if _pending is not None:  # a second signal: stop now, wherever we are
+        raise _interruption(signum)
+    _pending = signum
+
+
+def stop_pending() -> bool:
+    """Whether a ``graceful_stop`` block holds a signal it has not acted on yet."""
+    return _pending is not None
+
+
+def check_stop() -> None:
+    """Raise the interruption a ``graceful_stop`` block received, if any. Called at points
+    where stopping is safe: between training steps, after an epoch, between trials."""
+    if _pending is not None:
+        raise _interruption(_pending)
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are acted on at the next ``check_stop()``.
+
+    Why, for sweep workers: an exception raised at an arbitrary point can land inside an
+    MLflow or Optuna database write, and SQLAlchemy then leaves that connection inside its
+    transaction: the SQLite file stays locked and the run's and trial's final states can
+    no longer be written (seen as "database is locked" until the test timed out). The
+    training loop checks between steps, so a stop takes effect within one step; a second
+    signal stops at once. Off the main thread this is a no-op.
+    """
+    global _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _defer) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _pending = None
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:

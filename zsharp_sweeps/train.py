@@ -36,7 +36,7 @@ from zsharp_sweeps.engine import EpochCallback, fit
 from zsharp_sweeps.health import learning_problem
 from zsharp_sweeps.metrics.sharpness import compute_sharpness
 from zsharp_sweeps.plots import plot_curves
-from zsharp_sweeps.signals import exit_code, sigterm_as_interrupt
+from zsharp_sweeps.signals import exit_code, graceful_stop
 from zsharp_sweeps.sweep.context import DataCache, TrialContext
 from zsharp_sweeps.sweep.trial import TrialReporter
 from zsharp_sweeps.tracking import Tracker, flatten, git_commit, overrides_as_params
@@ -399,7 +399,9 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
     128 + the signal number.
     """
     try:
-        with sigterm_as_interrupt():
+        # Acted on between training steps, so no MLflow write is cut in half (a second
+        # signal stops at once): see zsharp_sweeps.signals.graceful_stop.
+        with graceful_stop():
             train_cfg = validate(cfg)
             summary = run_experiment(train_cfg, overrides=_task_overrides())
     except (ConfigError, DatasetUnavailableError) as exc:

@@ -4,9 +4,9 @@ Why: joblib's worker processes outlive a SIGKILLed parent, finish their trials a
 COMPLETE runs that nobody tells Optuna about. Each worker therefore runs a watchdog thread
 that turns "my parent process is gone" or "the sweep asked me to stop" (a stop file the
 main process writes on SIGINT/SIGTERM, which works across hosts on a shared file system
-too) into a SIGTERM to itself. The worker's SIGTERM handler raises in its main thread, so
-the running trial ends the normal way: Optuna records it FAIL and enqueues a retry, MLflow
-records the run KILLED.
+too) into a SIGTERM to itself. The worker acts on it at its next safe point (between training
+steps, ``zsharp_sweeps.signals.graceful_stop``), so the running trial ends the normal way:
+Optuna records it FAIL and enqueues a retry, MLflow records the run KILLED.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from zsharp_sweeps.signals import stop_pending
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,8 @@ class _Watchdog(threading.Thread):
                 reason = "the sweep was asked to stop"
             if reason:
                 log.warning(f"Worker {os.getpid()} stopping: {reason}")
-                os.kill(os.getpid(), signal.SIGTERM)
+                if not stop_pending():  # a Ctrl-C may have reached the worker already
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
 
 

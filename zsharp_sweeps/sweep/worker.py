@@ -36,6 +36,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from zsharp_sweeps.config import ConfigError, StudyConfig, section
+from zsharp_sweeps.signals import check_stop
 from zsharp_sweeps.sweep.context import DataCache, TrialContext
 from zsharp_sweeps.sweep.lifecycle import watchdog
 from zsharp_sweeps.sweep.progress import (
@@ -218,6 +219,7 @@ class Worker:
         monitor.start()
         try:
             while True:
+                check_stop()
                 self._fail_stale()
                 state = progress(self.study)
                 if state.done(self.plan.n_trials):
@@ -231,6 +233,7 @@ class Worker:
                 if not state.has_work(self.plan.n_trials):
                     time.sleep(IDLE_POLL_S)
                     continue
+                check_stop()
                 self.study.optimize(
                     self.objective, n_trials=1, catch=(Exception,),
                     callbacks=[self._log_finished], gc_after_trial=False,
@@ -296,6 +299,7 @@ class Worker:
     # ----- one trial -----------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         self._current = trial.number
+        check_stop()
         if is_surplus(self.study, trial.number, self.plan.n_trials):
             trial.set_user_attr(SURPLUS_ATTR, True)
             self._requeue_if_retry(trial)
@@ -406,7 +410,7 @@ def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
     """The launcher's job function: one worker, for as long as the study has trials."""
     from hydra.core.hydra_config import HydraConfig
 
-    from zsharp_sweeps.signals import sigterm_as_interrupt
+    from zsharp_sweeps.signals import graceful_stop
 
     try:
         index = int(HydraConfig.get().job.num)
@@ -414,6 +418,6 @@ def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
         index = 0
     # Our own "trial N complete: ..." lines say what Optuna's INFO lines say, per worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with watchdog(plan.stop_file, plan.main_pid, plan.main_host or None), sigterm_as_interrupt():
+    with watchdog(plan.stop_file, plan.main_pid, plan.main_host or None), graceful_stop():
         worker = Worker(plan, index, job_config=cfg)
         return worker.run()
