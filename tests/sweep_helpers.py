@@ -17,7 +17,6 @@ import optuna
 from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps.locks import sqlite_initialised
-from zsharp_sweeps.sweep.lifecycle import pid_alive  # noqa: F401  re-exported for tests
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from zsharp_sweeps.sweep.progress import SURPLUS_ATTR, counts_toward_study, retried_numbers
+from zsharp_sweeps.sweep.progress import SURPLUS_ATTR, counted_trials
 
 from .sweep_helpers import (
     STUDY,
@@ -82,8 +82,7 @@ def test_two_workers_pull_trials_asynchronously_on_their_own_devices(cwd: Path) 
         folder = cwd / "multirun" / STUDY / str(trial.number)
         overrides = (folder / ".hydra" / "overrides.yaml").read_text()
         assert f"trainer.epochs={trial.params['trainer.epochs']}" in overrides
-        assert "val_acc" in (folder / "train.log").read_text() or (
-            folder / "train.log").stat().st_size > 0
+        assert f"trial {trial.number} started on " in (folder / "train.log").read_text()
     assert len({c.info.run_name for c in children}) == 4
 
     sweep_dir = cwd / "multirun" / STUDY
@@ -135,11 +134,11 @@ def test_processes_started_together_and_resumes_never_repeat_a_configuration(
 def _counted(trials: list) -> list:
     """The trials that take the study's places; processes racing for the last one may ask
     one more, which is told FAIL and flagged, never counted or run."""
-    retried = retried_numbers(trials)
+    counted = counted_trials(trials)
     for trial in trials:
-        if not counts_toward_study(trial, retried):
+        if trial not in counted:
             assert trial.state == TrialState.FAIL and trial.user_attrs[SURPLUS_ATTR]
-    return [t for t in trials if counts_toward_study(t, retried)]
+    return counted
 
 
 def test_grid_sweep_that_exhausts_its_grid_finishes_with_plus_keys(cwd: Path) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from zsharp_sweeps.sweep.progress import INTERRUPTED_ATTR, counts_toward_study, retried_numbers
+from zsharp_sweeps.sweep.lifecycle import pid_alive
+from zsharp_sweeps.sweep.progress import INTERRUPTED_ATTR, counted_trials, retried_numbers
 
 from .sweep_helpers import (
     load_study,
     mlflow_runs,
-    pid_alive,
     run_sweep,
     running_trials_with_reports,
     start_sweep,
@@ -59,8 +59,7 @@ def _assert_interrupted_cleanly(cwd: Path) -> list:
 def _resume_completes(cwd: Path, n_trials: int, *extra: str) -> None:
     run_sweep(cwd, f"hydra.sweeper.n_trials={n_trials}", "trainer.epochs=2", *extra)
     trials = load_study(cwd).get_trials()
-    retried = retried_numbers(trials)
-    counted = [t for t in trials if counts_toward_study(t, retried)]
+    counted = counted_trials(trials)
     assert len(counted) == n_trials
     assert all(t.state == TrialState.COMPLETE for t in counted)
 
@@ -133,7 +132,7 @@ def test_a_killed_worker_is_noticed_by_the_heartbeat_and_its_trial_retried(cwd: 
     trials = load_study(cwd).get_trials()
     retried = retried_numbers(trials)
     assert victim.number in retried
-    counted = [t for t in trials if counts_toward_study(t, retried)]
+    counted = counted_trials(trials)
     assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
     retry = next(t for t in counted if t.params == victim.params and t.number != victim.number)
     _, _, children = mlflow_runs(cwd)

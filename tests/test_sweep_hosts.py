@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from zsharp_sweeps.sweep.progress import SURPLUS_ATTR, counts_toward_study, retried_numbers
+from zsharp_sweeps.sweep.progress import SURPLUS_ATTR, counted_trials, retried_numbers
 
 from .sweep_helpers import STUDY, env, sweep_cmd, wait_for
 
@@ -41,12 +41,12 @@ def _start_host(cwd: Path, storage: str, tracking: str, *extra: str) -> subproce
 
 def _counted(study: optuna.Study) -> list:
     trials = study.get_trials()
-    retried = retried_numbers(trials)
+    counted, retried = counted_trials(trials), retried_numbers(trials)
     for trial in trials:
-        if not counts_toward_study(trial, retried):  # a racer's extra ask, or a dead attempt
+        if trial not in counted:  # a racer's extra ask, or a dead attempt
             assert trial.state == TrialState.FAIL
             assert trial.user_attrs.get(SURPLUS_ATTR) or trial.number in retried
-    return [t for t in trials if counts_toward_study(t, retried)]
+    return counted
 
 
 def _runs(tracking: str, storage: str) -> tuple[MlflowClient, list, list]:

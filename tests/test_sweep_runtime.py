@@ -210,6 +210,13 @@ def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -
     study = optuna.load_study(study_name="w", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     assert {t.user_attrs["worker"]["device"] for t in study.trials} == {"cpu:1"}
+    # A reused (warm) dataset trains exactly like a fresh one: 3 trials over 2 choices, so
+    # at least two share their parameters, and those reach the same value.
+    by_lr: dict[float, list[float]] = {}
+    for trial in study.trials:
+        by_lr.setdefault(trial.params["optimizer.lr"], []).append(trial.value)
+    repeated = [values for values in by_lr.values() if len(values) > 1]
+    assert repeated and all(len(set(values)) == 1 for values in repeated), by_lr
     for trial in study.trials:
         folder = tmp_path / "sweep" / str(trial.number)
         assert (folder / ".hydra" / "config.yaml").is_file()

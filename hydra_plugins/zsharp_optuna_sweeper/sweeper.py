@@ -34,7 +34,6 @@ import os
 import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,8 @@ from optuna.trial import TrialState
 
 from zsharp_sweeps.config import ConfigError, section
 from zsharp_sweeps.sweep.lifecycle import StopRequest
-from zsharp_sweeps.sweep.progress import counts_toward_study, progress, retried_numbers
+from zsharp_sweeps.sweep.progress import counted_trials, progress
+from zsharp_sweeps.sweep.quiet import optuna_experimental
 from zsharp_sweeps.sweep.sampling import corner_values, override_value, sampler_factory
 from zsharp_sweeps.sweep.worker import SweepPlan, open_storage, run_worker
 from zsharp_sweeps.tracking import Tracker, override_param_key
@@ -292,8 +292,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         study = self._open_study(storage)
         objectives = list(self.config.get("objectives", ["best_val_acc"]))
         if study.metric_names is None and len(objectives) == len(study.directions):
-            with warnings.catch_warnings():  # "experimental" since Optuna 3.2
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            with optuna_experimental():
                 study.set_metric_names(objectives)  # Optuna's plots and tables name them
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         make_sampler = sampler_factory(OmegaConf.to_container(self.sampler_conf), grid)
@@ -412,10 +411,8 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         log.info("\n".join(lines))
 
     def _save_results(self, study: optuna.Study) -> None:
-        trials = study.get_trials(deepcopy=False)
-        retried = retried_numbers(trials)
-        complete = [t for t in trials
-                    if t.state == TrialState.COMPLETE and counts_toward_study(t, retried)]
+        complete = [t for t in counted_trials(study.get_trials(deepcopy=False))
+                    if t.state == TrialState.COMPLETE]
         if not complete:
             log.warning("No trial completed: no best parameters to report")
             return

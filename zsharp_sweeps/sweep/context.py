@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 class DataCache:
     """Datasets kept on the worker's device between trials.
 
-    A trial whose data settings, device and seed match an earlier trial's reuses its bundle
-    (the loaders reshuffle from ``(seed, epoch)``, so rewinding the epoch counter makes the
-    reused bundle yield exactly what a fresh one would). Only the latest few are kept so a
+    A trial whose data settings, device and seed match an earlier trial's reuses its bundle:
+    the loaders reshuffle from ``(seed, epoch)`` and ``engine.fit`` names every epoch, so a
+    reused bundle yields exactly what a fresh one would. Only the latest few are kept so a
     sweep over ``data.*`` settings does not fill the GPU.
     """
 
@@ -42,9 +42,6 @@ class DataCache:
             bundle = build_data(cfg, device, seed)
         else:
             self.hits += 1
-            rewind = getattr(bundle.train, "set_epoch", None)
-            if rewind is not None:
-                rewind(0)
         self._entries[key] = bundle  # most recent last
         while len(self._entries) > self.max_entries:
             self._entries.pop(next(iter(self._entries)))

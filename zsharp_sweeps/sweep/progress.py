@@ -10,12 +10,13 @@ computes the same answer.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+
+from zsharp_sweeps.sweep.quiet import optuna_experimental
 
 #: User attr of a trial asked after the study was full (told FAIL, never counted).
 SURPLUS_ATTR = "zsharp:surplus"
@@ -26,8 +27,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 def retried_from(trial: FrozenTrial) -> int | None:
     """The number of the trial that ``trial`` retries (Optuna's ``failed_trial`` attr)."""
-    with warnings.catch_warnings():  # "experimental" since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with optuna_experimental():
         return RetryHeartbeatStaleTrialCallback.retried_trial_number(trial)
 
 
@@ -47,6 +47,12 @@ def counts_toward_study(trial: FrozenTrial, retried: set[int]) -> bool:
     ):
         return False
     return True
+
+
+def counted_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that take the study's ``n_trials`` places."""
+    retried = retried_numbers(trials)
+    return [t for t in trials if counts_toward_study(t, retried)]
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,7 @@ class Progress:
 
 def progress(study: optuna.Study) -> Progress:
     trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    counting = [t for t in trials if counts_toward_study(t, retried)]
+    counting = counted_trials(trials)
     return Progress(
         complete=sum(t.state == TrialState.COMPLETE for t in counting),
         pruned=sum(t.state == TrialState.PRUNED for t in counting),

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +25,8 @@ from optuna.distributions import (
 )
 from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
+
+from zsharp_sweeps.sweep.quiet import optuna_experimental
 
 #: Samplers whose seed defines one structure for the whole study, which every trial must
 #: share: QMC scrambles its sequence with it (and indexes it by trial number), the grid
@@ -100,8 +101,7 @@ def _make_sampler(conf: dict, grid: dict | None, seed: int | None) -> BaseSample
     conf = dict(conf)
     if "seed" in conf:
         conf["seed"] = seed
-    with warnings.catch_warnings():  # QMC, GP ... are "experimental" in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with optuna_experimental():  # QMC, GP ...
         sampler = instantiate(
             conf,
             _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),

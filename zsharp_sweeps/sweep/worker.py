@@ -23,7 +23,6 @@ import signal
 import socket
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from zsharp_sweeps.sweep.progress import (
     progress,
     retried_from,
 )
+from zsharp_sweeps.sweep.quiet import optuna_experimental
 from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, suggest
 from zsharp_sweeps.sweep.trial import build_pruner
 
@@ -107,8 +107,7 @@ def open_storage(url: str, *, heartbeat_interval: int, grace_period: int,
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():  # heartbeats are "experimental" since Optuna 2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with optuna_experimental():  # heartbeats
         return optuna.storages.RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
@@ -148,8 +147,7 @@ def close_stale_runs(cfg: DictConfig, study_name: str, trial_number: int) -> Non
 def _retry(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
     """Enqueue a copy of ``trial`` exactly as Optuna does for a stale one (same params,
     ``failed_trial``/``retry_history`` system attrs), so every retry looks the same."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with optuna_experimental():
         RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, trial)
 
 
@@ -249,8 +247,7 @@ class Worker:
 
     def _fail_stale(self) -> None:
         """Trials whose worker stopped beating: FAIL, and enqueue their retry."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with optuna_experimental():
             optuna.storages.fail_stale_trials(self.study)
 
     def _watch_stale(self, done: threading.Event) -> None:
