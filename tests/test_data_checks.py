@@ -147,12 +147,21 @@ def test_tiny_imagenet_annotation_naming_an_unknown_class(tmp_path: Path) -> Non
     assert f"{ann}, line 3: class 'n99999999' is not in" in _refusal("tiny_imagenet", tmp_path)
 
 
-def test_good_files_pass_unchanged(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("cifar10", write_cifar10),
+        ("cifar100", write_cifar100),
+        ("svhn", write_svhn),
+        ("mnist", write_mnist),
+        ("fashion_mnist", lambda root: write_mnist(root, folder="FashionMNIST")),
+        ("tiny_imagenet", write_tiny_imagenet),
+    ],
+)
+def test_good_files_pass_unchanged(tmp_path: Path, name: str, write) -> None:
     """The checks refuse nothing that is right: every fixture format loads."""
-    for write in (write_cifar10, write_mnist):
-        write(tmp_path)
-    _load("cifar10", tmp_path)
-    _load("mnist", tmp_path)
+    write(tmp_path)
+    _load(name, tmp_path)
 
 
 def test_check_split_is_the_one_rule_for_every_source() -> None:

@@ -111,11 +111,11 @@ def _pickle_field(d: dict, key: str) -> object:
 
 
 def read_cifar_batches(
-    paths: Sequence[Path], label_key: str, spec: DatasetSpec | None = None
+    paths: Sequence[Path], label_key: str, spec: DatasetSpec
 ) -> tuple[Tensor, Tensor]:
     """CIFAR python-format batches: dict with ``data`` (N, 3072) uint8, row-major RGB planes.
 
-    With ``spec``, each file is checked (``check_split``) before the batches are joined.
+    Each file is checked against ``spec`` (``check_split``) before the batches are joined.
     """
     xs, ys = [], []
     for path in paths:
@@ -128,8 +128,7 @@ def read_cifar_batches(
             )
         x = torch.from_numpy(data.reshape(-1, 3, 32, 32))
         y = torch.from_numpy(np.asarray(_pickle_field(d, label_key), dtype=np.int64).reshape(-1))
-        if spec is not None:
-            check_split(x, y, spec, str(path))
+        check_split(x, y, spec, str(path))
         xs.append(x)
         ys.append(y)
     return torch.cat(xs), torch.cat(ys)
@@ -393,7 +392,7 @@ def _required(name: str, root: Path) -> list[Path]:
     return _file_dataset(name).files(root)
 
 
-def _how_to_place(name: str, root: Path, download: bool = True) -> str:
+def _how_to_place(name: str, root: Path, download: bool) -> str:
     """Human instructions: what to download and exactly where to put it.
 
     ``download`` is the run's ``data.download``: the advice to set it is given only when it
