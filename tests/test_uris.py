@@ -14,7 +14,7 @@ import sqlalchemy
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock
+from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock, sqlite_initialised
 from zsharp_sweeps.tracking import _retry
 from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 
@@ -159,3 +159,18 @@ def test_retry_retries_a_lock_and_nothing_else(locked_db: Path) -> None:
     with pytest.raises(MlflowException, match="RESOURCE_ALREADY_EXISTS"):
         _retry(fails)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("folder", ["plain", "with #hash", "with ?query", "with %25"])
+def test_sqlite_initialised_needs_a_migrated_schema(tmp_path: Path, folder: str) -> None:
+    db = tmp_path / folder / "store.db"
+    db.parent.mkdir()
+    assert not sqlite_initialised(db)  # no file
+    db.touch()
+    assert not sqlite_initialised(db)  # empty file
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num TEXT)")
+    assert not sqlite_initialised(db)  # schema table, no version yet
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO alembic_version VALUES ('abc')")
+    assert sqlite_initialised(db)

@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator
+from pathlib import Path
 
 from filelock import FileLock
 
 from zsharp_sweeps.uris import sqlite_path
 
-__all__ = ["is_database_locked", "sqlite_init_lock", "sqlite_initialised", "sqlite_path"]
+__all__ = ["is_database_locked", "sqlite_init_lock", "sqlite_initialised"]
 
 # SQLITE_BUSY and SQLITE_LOCKED (sqlite3 exposes the names from Python 3.11 on).
 _BUSY_CODES = (5, 6)
@@ -46,14 +47,15 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
         yield
 
 
-def sqlite_initialised(path) -> bool:
+def sqlite_initialised(path: Path) -> bool:
     """Whether the SQLite file at ``path`` already holds a migrated schema (MLflow and Optuna
     both record theirs in ``alembic_version``)."""
     if not path.is_file() or path.stat().st_size == 0:
         return False
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                                timeout=5)) as db:
+        # as_uri() escapes what a raw "file:" URI would misread ("?", "#", "%" in a path).
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro",
+                                                uri=True, timeout=5)) as db:
             row = db.execute("SELECT version_num FROM alembic_version").fetchone()
     except sqlite3.Error:
         return False
