@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from zsharp_sweeps.config import KEEP_CHECKPOINTS, ConfigError, TrainConfig
+from zsharp_sweeps.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -227,16 +228,6 @@ def resolve_resume(resume: str | os.PathLike, *, seed_subdir: str | None = None)
     return latest_checkpoint(path)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _may_differ(key: str, patterns: Sequence[str]) -> bool:
     """``"study."`` matches every key below ``study``; ``"hardware.device"`` only itself."""
     return any(
@@ -251,7 +242,7 @@ def config_differences(
     may_differ: Sequence[str] = RESUME_MAY_DIFFER,
 ) -> list[str]:
     """Dotted keys whose values differ between two (nested) configs, ignoring ``may_differ``."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = flatten(saved), flatten(current)
     missing = object()
     return [
         key for key in sorted(set(old) | set(new))
@@ -267,7 +258,7 @@ def check_compatible(
         return
     diffs = config_differences(saved, current)
     if diffs:
-        old, new = _flatten(saved), _flatten(current)
+        old, new = flatten(saved), flatten(current)
         shown = ", ".join(
             f"{k}: checkpoint {old.get(k, '<unset>')!r} vs now {new.get(k, '<unset>')!r}"
             for k in diffs[:5]
