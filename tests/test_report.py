@@ -312,10 +312,13 @@ def test_optuna_plots_leave_no_experimental_warning_and_no_style_behind() -> Non
     study = optuna.create_study(direction="maximize")
     for rho, qp, value in ((0.05, 0.9, 0.7), (0.2, 0.6, 0.5), (0.1, 0.8, 0.6)):
         _add_trial(study, {RHO: rho, QP: qp}, value, TrialState.COMPLETE, {})
+    with warnings.catch_warnings():  # setting up, not under test
+        warnings.simplefilter("ignore")
+        study.set_metric_names(["objective"])
     facecolor = plt.rcParams["axes.facecolor"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        figures, _ = sweep_figures(study, ["objective"])
+        figures, _ = sweep_figures(study_view(study, counted_trials(study)), ["objective"])
     for fig in figures.values():
         plt.close(fig)
     assert set(figures) == {"history", "slice", "importances", "contour", "parallel_coordinate"}

@@ -10,7 +10,6 @@ experimental and switches pyplot to its ggplot style; both stay inside ``_optuna
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from matplotlib.ticker import (  # noqa: E402
 )
 from optuna.trial import FrozenTrial  # noqa: E402
 from optuna.visualization import matplotlib as optuna_plots  # noqa: E402
+
+from zsharp_sweeps.sweep.quiet import optuna_experimental  # noqa: E402
 
 # Below this many complete trials parameter importances are mostly noise: say so.
 IMPORTANCE_MIN_TRIALS = 10
@@ -73,8 +74,7 @@ def save(fig: Figure, path: Path) -> Path:
 # ----- sweep plots from optuna -----------------------------------------------------------
 def _optuna_figure(plot: Callable[..., object], *args: object, **kwargs: object) -> Figure:
     """Call an optuna matplotlib plot without its ExperimentalWarning or global style change."""
-    with warnings.catch_warnings(), matplotlib.rc_context():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    with optuna_experimental(), matplotlib.rc_context():
         axes = plot(*args, **kwargs)
     fig = np.ravel(axes)[0].figure
     for ax in fig.axes:

@@ -33,7 +33,8 @@ from zsharp_sweeps.plots import (
     sweep_figures,
     val_curves_figure,
 )
-from zsharp_sweeps.sweep.progress import counts_toward_study, retried_numbers
+from zsharp_sweeps.sweep import progress
+from zsharp_sweeps.sweep.quiet import optuna_experimental
 from zsharp_sweeps.tables import (
     OPTIMIZER,
     SEED,
@@ -89,9 +90,7 @@ def load_study(target: str, study_name: str | None = None) -> optuna.Study:
 def counted_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The trials that take a place in the study (the sweep's own rule): no surplus trial,
     no failed trial that was retried, no enqueued retry that has not started."""
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    return [t for t in trials if counts_toward_study(t, retried)]
+    return progress.counted_trials(study.get_trials(deepcopy=False))
 
 
 def study_view(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Study:
@@ -103,7 +102,8 @@ def study_view(study: optuna.Study, trials: Sequence[FrozenTrial]) -> optuna.Stu
     finally:
         optuna.logging.set_verbosity(previous)
     if study.metric_names:
-        view.set_metric_names(list(study.metric_names))
+        with optuna_experimental():
+            view.set_metric_names(list(study.metric_names))
     view.add_trials([t for t in trials if t.state in FINISHED])
     return view
 
@@ -276,7 +276,7 @@ def write_report(
     names = objective_names(study)
     maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     counts = ", ".join(f"{k} {v}" for k, v in state_counts(trials).items()) or "none"
-    excluded = len(study.trials) - len(trials)
+    excluded = len(study.get_trials(deepcopy=False)) - len(trials)
     doc = Document(f"study {study.study_name}: {len(trials)} trials ({counts})"
                    + (f"; {excluded} not counted (retried, surplus or waiting)" if excluded else ""))
     n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
