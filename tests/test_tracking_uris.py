@@ -123,3 +123,19 @@ def test_an_experiment_made_elsewhere_gets_the_tag_on_first_use(
     assert "mlflow.experimentKind" not in client.get_experiment(exp_id).tags
     assert Tracker(TrackingConfig(uri=mlflow_uri, experiment=experiment_name)).experiment_id == exp_id
     assert client.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_every_key_the_tracker_writes_is_made_a_valid_mlflow_name(
+    mlflow_uri: str, experiment_name: str
+) -> None:
+    """Params, metrics and tags all go through ``override_param_key``: MLflow refuses
+    ``+``, ``@`` or ``?`` in a name, so without it each of these calls would raise."""
+    tracker = Tracker(TrackingConfig(uri=mlflow_uri, experiment=experiment_name))
+    with tracker.run(run_name="keys"):
+        tracker.log_params({"+sweep": "grid"})
+        tracker.log_metrics({"loss@1": 0.5}, step=1)
+        tracker.set_tags({"who?": "me"})
+    data = MlflowClient(mlflow_uri).get_run(tracker.run_id).data
+    assert data.params == {"sweep": "grid"}
+    assert data.metrics == {"loss_1": 0.5}
+    assert data.tags["who_"] == "me"
