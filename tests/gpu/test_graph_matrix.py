@@ -152,31 +152,46 @@ def _optimizer_cfg(make_cfg: Callable, option: str, overrides: list[str]) -> Opt
     return validate(make_cfg([f"optimizer={option}", *overrides])).optimizer
 
 
-@pytest.mark.parametrize("precision", list(AMP))
-@pytest.mark.parametrize(("option", "overrides"), _cases())
+def _assert_graph_replays_eager(
+    parts: tuple, cfg: OptimizerConfig, precision: str, label: str, *, compiled: bool
+) -> list[Tensor]:
+    """Eager run vs CUDA-graph run (both ``compiled`` or not): the same losses and final
+    parameters, bit for bit, through a graph that was really used. Returns the eager run's
+    weights after step 1."""
+    first, eager, _, eager_losses = _run(parts, cfg, precision, graph=False, compiled=compiled)
+    _, graphed, runner, graph_losses = _run(parts, cfg, precision, graph=True, compiled=compiled)
+    _assert_graphed(runner)
+    assert graph_losses == eager_losses
+    _assert_same(graphed, eager, label)
+    return first
+
+
+def _matrix(test: Callable) -> Callable:
+    """Parametrize ``test`` over every optimizer case and precision."""
+    by_case = pytest.mark.parametrize(("option", "overrides"), _cases())(test)
+    return pytest.mark.parametrize("precision", list(AMP))(by_case)
+
+
+@_matrix
 def test_cuda_graph_gives_the_eager_parameters(
     parts: tuple, make_cfg: Callable, option: str, overrides: list[str], precision: str
 ) -> None:
     cfg = _optimizer_cfg(make_cfg, option, overrides)
-    _, eager, _, eager_losses = _run(parts, cfg, precision, graph=False, compiled=False)
-    _, graphed, runner, graph_losses = _run(parts, cfg, precision, graph=True, compiled=False)
-    _assert_graphed(runner)
-    assert graph_losses == eager_losses
-    _assert_same(graphed, eager, f"{option}{overrides} {precision} graph vs eager")
+    _assert_graph_replays_eager(
+        parts, cfg, precision, f"{option}{overrides} {precision} graph vs eager", compiled=False
+    )
 
 
-@pytest.mark.parametrize("precision", list(AMP))
-@pytest.mark.parametrize(("option", "overrides"), _cases())
+@_matrix
 def test_compiled_cuda_graph_gives_the_compiled_eager_parameters(
     parts: tuple, make_cfg: Callable, option: str, overrides: list[str], precision: str
 ) -> None:
     cfg = _optimizer_cfg(make_cfg, option, overrides)
     plain_first, _, _, _ = _run(parts, cfg, precision, graph=False, compiled=False)
-    first, eager, _, eager_losses = _run(parts, cfg, precision, graph=False, compiled=True)
-    _, graphed, runner, graph_losses = _run(parts, cfg, precision, graph=True, compiled=True)
-    _assert_graphed(runner)
-    assert graph_losses == eager_losses
-    _assert_same(graphed, eager, f"{option}{overrides} {precision} compile+graph vs compile")
+    first = _assert_graph_replays_eager(
+        parts, cfg, precision, f"{option}{overrides} {precision} compile+graph vs compile",
+        compiled=True,
+    )
     print(f"MATRIX {option}{overrides} {precision} compile vs plain after 1 step: max |diff| "
           f"{_max_diff(first, plain_first):.3g}")
     bound = dict(COMPILE_BOUND[precision])
