@@ -233,8 +233,9 @@ class CudaGraphStep:
         )
 
     def _rebound(self, before: dict[str, int]) -> list[str]:
+        """Paths of state tensors that moved or appeared since ``before``."""
         after = state_addresses(self.optimizer)
-        return [path for path, ptr in after.items() if before.get(path, ptr + 1) != ptr]
+        return [path for path, ptr in after.items() if path not in before or before[path] != ptr]
 
     def _capture(self, inputs: Tensor, targets: Tensor, key: tuple) -> None:
         if self.static_inputs is None or self.static_inputs.shape != inputs.shape:
@@ -260,9 +261,9 @@ class CudaGraphStep:
 
     def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         self.calls += 1
-        if self.disabled or self.calls <= self.warmup:
-            if self.disabled:
-                return self.step(inputs, targets)
+        if self.disabled:
+            return self.step(inputs, targets)
+        if self.calls <= self.warmup:
             return self._eager(inputs, targets)
         key = self._key(inputs)
         if key != self.graph_key or self._state_replaced():
