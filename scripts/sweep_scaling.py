@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,6 +46,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "bench"
+JOIN = re.compile(r"joined study \S+ ([\d.]+)s after launch \(process ([\d.]+)s, study "
+                  r"([\d.]+)s, device ([\d.]+)s\)")
 
 GPU_OVERRIDES = [
     "hardware=cuda", "hardware.precision=bf16", "hardware.channels_last=true",
@@ -101,12 +104,12 @@ class GpuSampler:
 
 
 def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *,
-          extra: list[str], tree: Path = REPO) -> dict:
+          extra: list[str], tree: Path = REPO, workers_per_gpu: int | None = None) -> dict:
     """One sweep on the first ``n_gpus`` GPUs with ``n_gpus x k`` workers."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
-    k = args.workers_per_gpu
+    k = workers_per_gpu or args.workers_per_gpu
     overrides = [
         "+sweep=zsharp_rho_qp_lr", f"model={args.model}",
         "data=synthetic", "data.synthetic_like=cifar10", f"data.synthetic_size={args.images}",
@@ -142,6 +145,12 @@ def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *
         result["worker_first_start_s"] = [s - started_at for s in result["worker_starts"]]
     if result.get("window"):
         result["gpu_util"] = sampler.summary(list(range(n_gpus)), *result["window"])
+    if result.get("steady_window"):
+        result["gpu_util_steady"] = sampler.summary(list(range(n_gpus)),
+                                                    *result["steady_window"])
+    # "Worker host/3 on cuda:1 joined study bench 4.2s after launch (process ..., study ...,
+    # device ...)": where each worker's start went.
+    result["joins"] = JOIN.findall((workdir / "sweep.log").read_text())
     return result
 
 
@@ -190,17 +199,35 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
         worker_starts.append(ts[0].datetime_start.timestamp())
     starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
     ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
-    rates = []
+    # Steady state: every worker has finished its first trial (data, CUDA, kernels warm) and
+    # none has run out of trials yet.
+    steady = None
+    done = [sorted(t.datetime_complete.timestamp() for t in ts if t.datetime_complete)
+            for ts in by_worker.values()]
+    if done and all(len(d) >= 2 for d in done):
+        steady = (max(d[0] for d in done), min(d[-1] for d in done))
+        steady = steady if steady[1] > steady[0] else None
+    rates, first_epoch, later_epochs, eval_sharp = [], [], [], []
     for r in children:
         history = client.get_metric_history(r.info.run_id, "train_images_per_s")
         if history:
             rates.append(max(m.value for m in history))
+        train = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "epoch_time_s")}
+        wall = {m.step: m.value for m in client.get_metric_history(r.info.run_id, "epoch_wall_s")}
+        for step, seconds in train.items():
+            (first_epoch if step == 1 else later_epochs).append(seconds)
+            if step in wall:
+                eval_sharp.append(wall[step] - seconds)
     return {
         "trials": len(trials), "states": dict(states), "devices": dict(devices),
         "overhead_first_s": statistics.fmean(first) if first else None,
         "overhead_later_mean_s": statistics.fmean(later) if later else None,
         "overhead_later_max_s": max(later) if later else None,
         "window": (min(starts), max(ends)) if starts and ends else None,
+        "steady_window": steady,
+        "epoch1_train_s": statistics.fmean(first_epoch) if first_epoch else None,
+        "epoch_later_train_s": statistics.fmean(later_epochs) if later_epochs else None,
+        "epoch_eval_sharpness_s": statistics.fmean(eval_sharp) if eval_sharp else None,
         "worker_starts": sorted(worker_starts),
         "trial_images_per_s": statistics.fmean(rates) if rates else None,
         "best_value": study.best_value if states.get("COMPLETE") else None,
@@ -212,22 +239,38 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _util(values: dict | None) -> str:
+    return " ".join(f"{u:.0f}" for u in (values or {}).values()) or "-"
+
+
 def print_table(title: str, rows: dict[str, dict], base: dict | None = None) -> None:
     print(f"\n{title}")
     print(f"{'sweep':<22} {'GPUs':>4} {'workers':>7} {'trials':>6} {'wall s':>7} "
-          f"{'trials/h':>9} {'vs linear':>9} {'fixed s (mean/max)':>18} {'GPU util %':>22}")
+          f"{'trials/h':>9} {'vs linear':>9} {'fixed s (mean/max)':>18} {'GPU util %':>16} "
+          f"{'steady %':>16}")
     for name, r in rows.items():
         if "trials_per_hour" not in r:
             print(f"{name:<22} failed: {r.get('problems')}")
             continue
         eff = (r["trials_per_hour"] / (r["gpus"] * base["trials_per_hour"])
                if base and "trials_per_hour" in base else None)
-        util = " ".join(f"{u:.0f}" for u in r.get("gpu_util", {}).values())
         fixed = (f"{_fmt(r['overhead_later_mean_s'], '.2f')}/"
                  f"{_fmt(r['overhead_later_max_s'], '.2f')}")
         print(f"{name:<22} {r['gpus']:>4} {r['workers']:>7} {r['trials']:>6} "
               f"{r['wall_s']:>7.1f} {r['trials_per_hour']:>9.1f} {_fmt(eff, '.2f'):>9} "
-              f"{fixed:>18} {util:>22}")
+              f"{fixed:>18} {_util(r.get('gpu_util')):>16} {_util(r.get('gpu_util_steady')):>16}")
+    print("  per sweep: first trial starts / last ends (s after the command); epoch 1 and later "
+          "epochs' training s; evaluation + sharpness s per epoch; workers joined (s after "
+          "launch: process, study, device)")
+    for name, r in rows.items():
+        if "trials_per_hour" not in r:
+            continue
+        joins = "; ".join(f"{j[0]} ({j[1]}, {j[2]}, {j[3]})" for j in r.get("joins", []))
+        print(f"  {name}: {_fmt(r.get('before_first_trial_s'), '.1f')} / "
+              f"{_fmt(r['wall_s'] - (r.get('after_last_trial_s') or 0), '.1f')}; train "
+              f"{_fmt(r.get('epoch1_train_s'), '.2f')} / {_fmt(r.get('epoch_later_train_s'), '.2f')}"
+              f"; eval+sharpness {_fmt(r.get('epoch_eval_sharpness_s'), '.2f')}; "
+              f"first trial fixed {_fmt(r.get('overhead_first_s'), '.1f')}; joined {joins}")
 
 
 def main() -> int:
@@ -240,6 +283,9 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=50000, help="synthetic CIFAR-shaped images")
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--modes", default="scaling,pruned")
+    parser.add_argument("--util-workers", default="1,2",
+                        help="util mode: workers per GPU to compare (hardware.trials_per_gpu)")
+    parser.add_argument("--util-trials-per-worker", type=int, default=6)
     parser.add_argument("--pruned-trials", type=int, default=24)
     parser.add_argument("--pruned-epochs", type=int, default=6)
     parser.add_argument("--baseline-tree", type=Path, default=None,
@@ -258,6 +304,15 @@ def main() -> int:
                                             args, extra=[])
         print_table(f"{args.model}, {args.epochs} epochs, {args.workers_per_gpu} worker(s)/GPU",
                     rows, base=rows["scaling-1gpu"])
+        results.update(rows)
+    if "util" in modes:
+        rows = {}
+        for k in (int(v) for v in args.util_workers.split(",")):
+            n = args.gpus * k * args.util_trials_per_worker
+            rows[f"util-{k}per-gpu"] = sweep(args.out / f"util{k}", args.gpus, n, args,
+                                             extra=[], workers_per_gpu=k)
+        print_table(f"GPU busy share, {args.gpus} GPU(s), {args.util_trials_per_worker} trials "
+                    "per worker", rows)
         results.update(rows)
     if "pruned" in modes:
         rows = {}

@@ -128,6 +128,7 @@ def run_training(
     run_tags: dict[str, str] | None = None,
     run_name: str | None = None,
     device: str | None = None,
+    device_label: str | None = None,
     data_cache: DataCache | None = None,
     new_run_on_resume: bool = False,
 ) -> dict[str, float]:
@@ -135,11 +136,12 @@ def run_training(
 
     Validation happens before anything is built or any MLflow run is opened, so a bad
     value costs nothing and leaves nothing half-written. A sweep worker passes its
-    ``device`` and its warm ``data_cache``.
+    ``device``, the name the sweep gives it (``device_label``, the run's ``device`` tag) and
+    its warm ``data_cache``.
     """
     train_cfg = cfg if isinstance(cfg, TrainConfig) else validate(cfg)
-    device_label = device or train_cfg.hardware.device
-    torch_device = resolve_device(device_label)
+    torch_device = resolve_device(device or train_cfg.hardware.device)
+    device_label = device_label or device or train_cfg.hardware.device
     if train_cfg.hardware.cuda_graph and (
         torch_device.type != "cuda" or train_cfg.hardware.precision == "fp16"
     ):
@@ -295,21 +297,23 @@ def run_experiment(
     study = cfg.study
     tags: dict[str, str] = {}
     callbacks: list[EpochCallback] = []
-    parent_run_id = device = data_cache = None
+    parent_run_id = device = device_label = data_cache = None
     name = default_run_name(cfg)
     if context is not None:
         tags = dict(context.tags)
         callbacks = [TrialReporter(context.trial, cfg.objectives[0], context.n_objectives),
                      *context.callbacks]
-        parent_run_id, device, data_cache = (
-            context.parent_run_id, context.device, context.data_cache
+        parent_run_id, device, device_label, data_cache = (
+            context.parent_run_id, context.compute_device or context.device, context.device,
+            context.data_cache,
         )
         name = context.run_name
     if study.n_seeds == 1:
         return run_training(
             cfg, overrides=overrides, callbacks=callbacks, parent_run_id=parent_run_id,
             run_tags=tags, run_name=name if context else None, device=device,
-            data_cache=data_cache, new_run_on_resume=context is not None,
+            device_label=device_label, data_cache=data_cache,
+            new_run_on_resume=context is not None,
         )
 
     tracker = Tracker(cfg.tracking)
@@ -330,7 +334,8 @@ def run_experiment(
                 callbacks=[*(callbacks if i == 0 else []),
                            lambda epoch, m, h=history: h.append(dict(m))],
                 parent_run_id=tracker.run_id, run_tags={**tags, "seed": str(cfg.seed + i)},
-                run_name=f"{name} seed={cfg.seed + i}", device=device, data_cache=data_cache,
+                run_name=f"{name} seed={cfg.seed + i}", device=device,
+                device_label=device_label, data_cache=data_cache,
                 new_run_on_resume=context is not None,
             ))
             histories.append(history)

@@ -27,6 +27,7 @@ What it changes (see ``zsharp_sweeps/sweep/worker.py`` for the worker side):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -51,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from zsharp_sweeps.config import ConfigError, section
+from zsharp_sweeps.sweep.gpus import gpu_uuids
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.progress import counted_trials, progress
 from zsharp_sweeps.sweep.quiet import optuna_experimental
@@ -305,13 +307,15 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         tracker = Tracker(section(self.config, "tracking"))
         parent_run_id = self._parent_run(tracker, study, space, fixed)
         hardware = section(self.config, "hardware")
+        devices = self._devices()
         plan = SweepPlan(
             study_name=study.study_name, storage=storage, n_trials=self.n_trials,
             max_failure_rate=self.max_failure_rate, space=space, fixed_overrides=fixed,
             make_sampler=make_sampler, sampler_seed=seed, study=section(self.config, "study"),
             objectives=objectives,
             config_name=self._config_name(), sweep_dir=str(sweep_dir),
-            devices=self._devices(), trials_per_device=hardware.trials_per_gpu,
+            devices=devices, device_uuids=gpu_uuids(devices),
+            trials_per_device=hardware.trials_per_gpu,
             main_pid=os.getpid(),
             stop_file=str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"),
             main_host=socket.gethostname(),
@@ -365,6 +369,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _launch(self, plan: SweepPlan) -> list:
         """Start this host's workers through the configured launcher and wait for them."""
+        plan = dataclasses.replace(plan, launched_at=time.time())
         launcher = Plugins.instance().instantiate_launcher(
             config=self.config, hydra_context=self.hydra_context,
             task_function=functools.partial(run_worker, plan=plan),

@@ -51,13 +51,16 @@ class DataCache:
 @dataclass
 class TrialContext:
     """One sweep trial's handles. ``trial`` reports per-epoch values and answers the
-    pruner; ``device`` is the worker's for its whole life (``cpu:N`` labels a CPU worker)."""
+    pruner; ``device`` is the worker's for its whole life, as the sweep names it (``cpu:N``
+    labels a CPU worker); ``compute_device`` is what torch runs it on (``cuda:0`` in a worker
+    process that sees only its own GPU; None: ``device``)."""
 
     trial: optuna.Trial
     n_objectives: int
     device: str
     run_name: str
     out_dir: Path
+    compute_device: str | None = None
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     data_cache: DataCache | None = None

@@ -91,6 +91,10 @@ class SweepPlan:
     grace_period: int = 30
     max_retry: int = 3
     custom_search_space_extender: Callable[[DictConfig, optuna.Trial], None] | None = None
+    #: ``{"cuda:2": "GPU-…"}``: lets a worker in its own process see only its card.
+    device_uuids: dict[str, str] = field(default_factory=dict)
+    #: ``time.time()`` when the sweep started its workers: each says how long it took to join.
+    launched_at: float = 0.0
 
     def device_for(self, worker_index: int) -> str:
         return self.devices[(worker_index // self.trials_per_device) % len(self.devices)]
@@ -186,7 +190,9 @@ class Worker:
     trials_run: int = 0
 
     def __post_init__(self) -> None:
-        self.device = self.plan.device_for(self.index)
+        self._started = time.time()
+        self.device = self.plan.device_for(self.index)  # the sweep's name: logs, tags
+        self.compute_device = self.device  # what torch runs on (cuda:0 once isolated)
         self.study = optuna.load_study(
             study_name=self.plan.study_name,
             storage=open_storage(self.plan.storage,
@@ -196,6 +202,7 @@ class Worker:
             sampler=TrialSeededSampler(self.plan.make_sampler, self.plan.sampler_seed),
             pruner=build_pruner(self.plan.study),
         )
+        self._loaded = time.time()
         self._current: int | None = None
 
     @property
@@ -206,8 +213,16 @@ class Worker:
     def run(self) -> dict[str, Any]:
         """Take trials until the study is full; returns what this worker did (``stopped``:
         the signal that ended it early, else None)."""
-        self._pin_device()
-        log.info(f"Worker {self.label} on {self.device} joined study {self.plan.study_name}")
+        where = self._pin_device()
+        ready = time.time()
+        # Where a worker's start goes (process and imports, study, CUDA): the workers of a
+        # host should join together; one that lags shows which step queued.
+        since = (f" {ready - self.plan.launched_at:.1f}s after launch (process "
+                 f"{self._started - self.plan.launched_at:.1f}s, study "
+                 f"{self._loaded - self._started:.1f}s, device {ready - self._loaded:.1f}s)"
+                 if self.plan.launched_at else "")
+        log.info(f"Worker {self.label} on {self.device}{where} joined study "
+                 f"{self.plan.study_name}{since}")
         stopped = None
         done = threading.Event()
         # Optuna checks for stale trials only when a trial starts: this worker may be deep
@@ -257,12 +272,19 @@ class Worker:
             except Exception as exc:  # a busy database: try again next beat
                 log.debug(f"stale-trial check failed: {exc!r}")
 
-    def _pin_device(self) -> None:
-        if self.device.startswith("cuda"):
-            import torch
+    def _pin_device(self) -> str:
+        """Streams, graphs, cuDNN and Triton launch on the current device: make it ours (and,
+        in a process of its own, the only one it sees). Returns a note for the log line."""
+        if not self.device.startswith("cuda:"):
+            return ""
+        from zsharp_sweeps.sweep.gpus import pin_gpu
 
-            # Streams, graphs, cuDNN and Triton launch on the current device: make it ours.
-            torch.cuda.set_device(self.device)
+        pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
+                         own_process=os.getpid() != self.plan.main_pid)
+        self.compute_device = pinned.device
+        if pinned.note:
+            log.warning(f"Worker {self.label}: {pinned.note}")
+        return f" ({self.plan.device_uuids[self.device]} only)" if pinned.isolated else ""
 
     def _retry_interrupted(self) -> None:
         """The interrupted trial is FAIL now (``optimize`` told it); enqueue its retry."""
@@ -303,7 +325,9 @@ class Worker:
             raise SurplusTrial(f"trial {trial.number}: the study already has its trials")
         started = time.perf_counter()
         trial.set_user_attr("worker", {"host": self.host, "pid": os.getpid(),
-                                       "index": self.index, "device": self.device})
+                                       "index": self.index, "device": self.device,
+                                       "compute_device": self.compute_device,
+                                       "gpu": self.plan.device_uuids.get(self.device)})
         trial.set_user_attr(INTERRUPTED_ATTR, False)  # a retry copies its original's attrs
         try:
             return self._run(trial, started)
@@ -339,6 +363,7 @@ class Worker:
             tags["retry_of"] = str(retry_of)
         context = TrialContext(
             trial=trial, n_objectives=len(self.plan.objectives), device=self.device,
+            compute_device=self.compute_device,
             run_name=run_name, out_dir=out_dir, parent_run_id=self.plan.parent_run_id,
             tags=tags, data_cache=self.data_cache,
         )

@@ -1,11 +1,13 @@
 """A real sweep over two GPUs: two workers, more trials than workers, ZSharp's Triton
 kernels on (``optimizer.kernels=auto`` picks them on CUDA). Every trial runs on its worker's
-GPU, and no worker crashes when its second trial starts on the same device."""
+GPU, and no worker crashes when its second trial starts on the same device. Each worker
+process sees only its own GPU (``CUDA_VISIBLE_DEVICES`` set to that card's UUID)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from optuna.trial import TrialState
 
 from ...sweep_helpers import load_study, mlflow_runs, run_sweep
@@ -23,6 +25,11 @@ def test_two_workers_on_two_gpus_run_more_trials_than_workers(tmp_path: Path) ->
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     devices = {t.user_attrs["worker"]["device"] for t in trials}
     assert devices == {"cuda:0", "cuda:1"}
+    for trial in trials:  # alone with its card: computes on cuda:0, which is the right card
+        worker = trial.user_attrs["worker"]
+        uuid = str(torch.cuda.get_device_properties(int(worker["device"][5:])).uuid)
+        assert worker["gpu"].removeprefix("GPU-") == uuid.removeprefix("GPU-"), worker
+        assert worker["compute_device"] == "cuda:0", worker
     _, parents, children = mlflow_runs(tmp_path)
     assert [p.info.status for p in parents] == ["FINISHED"]
     by_number = {int(c.data.tags["trial_number"]): c for c in children}

@@ -1,0 +1,84 @@
+"""Which GPU a sweep worker computes on: its own, and (in a process of its own) only its own.
+
+Why a worker process sees one GPU: a CUDA process that starts with every GPU of the host
+visible initialises driver state for all of them, and on the GPU hosts measured here those
+initialisations queue behind each other across processes, so worker *i* reached its first
+trial about 4-5 s after worker *i-1* (docs/benchmarks.md). Anything that touches the
+"current" device before ``set_device`` also lands on GPU 0 and leaves a context there. So a
+worker that runs in a process of its own sets ``CUDA_VISIBLE_DEVICES`` to its GPU's UUID
+before CUDA starts, computes on ``cuda:0``, and keeps the sweep's name for the GPU
+(``cuda:2``) in its logs, trial attributes and MLflow ``device`` tag.
+
+UUIDs, not indices: they name the same card whatever ``CUDA_VISIBLE_DEVICES`` the sweep was
+started with. Whether the restriction took is checked, not assumed: if CUDA was already
+initialised in the process (the variable is then ignored), the worker finds its card by UUID
+among those it sees, and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+VISIBLE = "CUDA_VISIBLE_DEVICES"
+
+
+def gpu_uuids(labels: Sequence[str]) -> dict[str, str]:
+    """``{"cuda:2": "GPU-…"}`` for each CUDA label, as the sweep's process numbers them."""
+    indexed = [label for label in labels if label.startswith("cuda:")]
+    if not indexed:
+        return {}
+    import torch
+
+    return {label: _uuid(torch.cuda.get_device_properties(int(label[5:]))) for label in indexed}
+
+
+def _uuid(props) -> str:
+    text = str(props.uuid)
+    return text if text.startswith("GPU-") else f"GPU-{text}"
+
+
+@dataclass(frozen=True)
+class Pinned:
+    """Where a worker computes (``device``, a torch device string) and what it saw."""
+
+    device: str
+    isolated: bool
+    note: str = ""
+
+
+def pin_gpu(label: str, uuid: str | None, *, own_process: bool) -> Pinned:
+    """Make ``label``'s GPU this process's current device; returns the device to compute on.
+
+    ``own_process``: the worker is alone in a process started for it (not the sweep's main
+    process, whose CUDA may be initialised and whose other users must keep every GPU).
+    """
+    import torch
+
+    index = int(label[5:]) if label.startswith("cuda:") else None
+    if index is None:
+        return Pinned(label, isolated=False)
+    if own_process and uuid and not torch.cuda.is_initialized():
+        previous = os.environ.get(VISIBLE)
+        os.environ[VISIBLE] = uuid
+        if _uuid(torch.cuda.get_device_properties(0)) == uuid:
+            torch.cuda.set_device(0)
+            return Pinned("cuda:0", isolated=True)
+        # CUDA read the variable before we set it (something initialised it early): put it
+        # back and find the card among all of them.
+        if previous is None:
+            os.environ.pop(VISIBLE)
+        else:
+            os.environ[VISIBLE] = previous
+        found = next((i for i in range(torch.cuda.device_count())
+                      if _uuid(torch.cuda.get_device_properties(i)) == uuid), index)
+        torch.cuda.set_device(found)
+        return Pinned(f"cuda:{found}", isolated=False,
+                      note=f"CUDA was initialised before the worker could restrict it to "
+                           f"{uuid}: computing on cuda:{found} with every GPU visible")
+    torch.cuda.set_device(index)
+    return Pinned(label, isolated=False)
