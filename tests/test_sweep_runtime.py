@@ -222,3 +222,22 @@ def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -
         assert (folder / ".hydra" / "config.yaml").is_file()
         assert f"optimizer.lr={trial.params['optimizer.lr']}" in (
             folder / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_prestarted_worker_processes_wait_for_a_job_and_end_when_discarded() -> None:
+    """The sweeper starts the worker processes before its study exists (their imports take
+    seconds); those that get no job (the sweep failed first) end with nothing done."""
+    import multiprocessing
+
+    from hydra_plugins.zsharp_workers_launcher.launcher import WorkersLauncher
+
+    before = set(multiprocessing.active_children())
+    launcher = WorkersLauncher()
+    launcher.prestart(2)
+    started = set(multiprocessing.active_children()) - before
+    assert len(started) == 2 and all(p.is_alive() for p in started)
+    launcher.prestart(2)  # already there: no more
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    launcher.discard()
+    assert all(not p.is_alive() and p.exitcode == 0 for p in started)
+    assert not set(multiprocessing.active_children()) - before

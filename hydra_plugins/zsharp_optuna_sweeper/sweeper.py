@@ -52,12 +52,12 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from zsharp_sweeps.config import ConfigError, section
-from zsharp_sweeps.sweep.gpus import gpu_uuids
 from zsharp_sweeps.sweep.lifecycle import StopRequest
+from zsharp_sweeps.sweep.placement import gpu_uuids
 from zsharp_sweeps.sweep.progress import counted_trials, progress
 from zsharp_sweeps.sweep.quiet import optuna_experimental
 from zsharp_sweeps.sweep.sampling import corner_values, override_value, sampler_factory
-from zsharp_sweeps.sweep.worker import SweepPlan, open_storage, run_worker
+from zsharp_sweeps.sweep.worker import SweepPlan, WorkerJob, open_storage
 from zsharp_sweeps.tracking import Tracker, override_param_key
 from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 
@@ -288,6 +288,24 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         storage = self._storage_url()
         self._check_urls(storage)
         self._check_configs(space, fixed)
+        # The launcher's worker processes start now (zsharp_workers: imports take seconds),
+        # while the study and the MLflow parent run are set up; they get the plan at launch.
+        job = WorkerJob()
+        launcher = Plugins.instance().instantiate_launcher(
+            config=self.config, hydra_context=self.hydra_context, task_function=job,
+        )
+        prestart = getattr(launcher, "prestart", None)
+        if prestart is not None and self.n_jobs > 1:
+            prestart(self.n_jobs)
+        try:
+            self._sweep(storage, space, fixed, grid, launcher, job)
+        finally:
+            discard = getattr(launcher, "discard", None)
+            if discard is not None:
+                discard()
+
+    def _sweep(self, storage: str, space: dict, fixed: list[str], grid: dict | None,
+               launcher: Any, job: WorkerJob) -> None:
         if sqlite_path(storage) is not None:
             sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
 
@@ -327,7 +345,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         status, error = "FAILED", None
         try:
             with stop.installed():
-                returns = self._launch(plan)
+                returns = self._launch(plan, launcher, job)
             error = self._worker_error(returns, study)
             # A worker in this process (n_jobs=1) receives the signal itself.
             stopped = [r.return_value["stopped"] for r in returns
@@ -367,15 +385,12 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             )
         return None
 
-    def _launch(self, plan: SweepPlan) -> list:
+    def _launch(self, plan: SweepPlan, launcher: Any, job: WorkerJob) -> list:
         """Start this host's workers through the configured launcher and wait for them."""
-        plan = dataclasses.replace(plan, launched_at=time.time())
-        launcher = Plugins.instance().instantiate_launcher(
-            config=self.config, hydra_context=self.hydra_context,
-            task_function=functools.partial(run_worker, plan=plan),
-        )
-        host = socket.gethostname()
         n_workers = max(1, self.n_jobs)
+        plan = job.plan = dataclasses.replace(plan, launched_at=time.time(),
+                                              host_workers=n_workers)
+        host = socket.gethostname()
         jobs = [
             [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{os.getpid()}-{i}"]
             for i in range(n_workers)

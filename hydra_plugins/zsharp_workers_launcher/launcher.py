@@ -8,14 +8,28 @@ one that dies is reported (its trial is failed by Optuna's heartbeat and retried
 others), the rest go on. A pool also keeps idle processes after their task; a worker here
 is a process that ends with its job. Jobs run exactly as Hydra's own launchers run them
 (``run_job``: the job's config, ``.hydra/`` files, logging, the return value).
+
+Start-up, measured on a 2-GPU host (docs/benchmarks.md): a spawned process imports the
+sweep's main module (torch, Hydra, ...) before it reads its arguments, and the parent's
+write of arguments larger than a pipe's buffer waits for that read, so workers whose job
+(config, Hydra's state, the plan) travelled as arguments started one after another, 4-5 s
+apart. Here a process is started with nothing but a pipe, all of them at once, and gets its
+job through the pipe. ``prestart`` starts them before the sweep has a study, so their
+imports overlap the sweeper's own set-up.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import multiprocessing
+import multiprocessing.process
+import os
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +61,15 @@ def _run(idx: int, overrides: list[str], hydra_context: HydraContext, config: Di
                    job_subdir_key="hydra.sweep.subdir")
 
 
-def _execute(payload: bytes, results: Any) -> None:
-    """In the worker process: rebuild Hydra's state, run the job, send back its return."""
+def _execute(jobs: Connection, results: Any) -> None:
+    """In the worker process: wait for the job, rebuild Hydra's state, run the job, send
+    back its return."""
+    try:
+        payload = jobs.recv_bytes()
+    except EOFError:  # the sweep ended (or failed) before it needed this worker
+        return
+    finally:
+        jobs.close()
     idx, overrides, hydra_context, config, task_function, singleton_state = cloudpickle.loads(
         payload
     )
@@ -63,6 +84,21 @@ def _execute(payload: bytes, results: Any) -> None:
         ret.status = JobStatus.FAILED
         blob = cloudpickle.dumps((idx, ret))
     results.put(blob)
+    # The result is sent and every run and trial is recorded. multiprocessing still runs its
+    # finalizers (semaphores) when this returns; then, as the first exit handler, the process
+    # ends without the interpreter's teardown: collecting CUDA tensors only delays the
+    # sweep's end, and a library's C++ destructors aborted some workers' exits ("terminate
+    # called without an active exception").
+    logging.shutdown()
+    atexit.register(os._exit, 0)
+
+
+@dataclass
+class _Slot:
+    """A started worker process and the pipe its job will come through."""
+
+    proc: multiprocessing.process.BaseProcess
+    jobs: Connection
 
 
 class WorkersLauncher(Launcher):
@@ -73,6 +109,33 @@ class WorkersLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
+        self._ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context per worker
+        self._results = None
+        self._idle: list[_Slot] = []
+
+    def prestart(self, n_workers: int) -> None:
+        """Start ``n_workers`` processes now; ``launch`` hands them their jobs. Those it does
+        not use end when ``discard`` (or this process's exit) closes their pipes."""
+        while len(self._idle) < n_workers:
+            self._idle.append(self._start())
+
+    def discard(self) -> None:
+        """Let the processes that got no job end."""
+        idle, self._idle = self._idle, []
+        for slot in idle:
+            slot.jobs.close()
+        for slot in idle:
+            slot.proc.join(timeout=10)
+
+    def _start(self) -> _Slot:
+        if self._results is None:
+            self._results = self._ctx.SimpleQueue()
+        receive, send = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_execute, args=(receive, self._results),
+                                 name="zsharp-worker")
+        proc.start()
+        receive.close()  # the child holds it now: its death closes the pipe
+        return _Slot(proc, send)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -84,32 +147,36 @@ class WorkersLauncher(Launcher):
         setup_globals()
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         if len(job_overrides) == 1:  # one worker: in this process (a laptop's quick sweep)
+            self.discard()
             state = Singleton.get_state()
             try:
                 return [_run(initial_job_idx, list(job_overrides[0]), self.hydra_context,
                              self.config, self.task_function)]
             finally:
                 Singleton.set_state(state)
-        ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context per worker
-        results = ctx.SimpleQueue()
+        self.prestart(len(job_overrides))
+        slots, self._idle = self._idle[: len(job_overrides)], self._idle[len(job_overrides):]
+        self.discard()
         state = Singleton.get_state()
         procs = {}
-        for offset, overrides in enumerate(job_overrides):
+        for offset, (overrides, slot) in enumerate(zip(job_overrides, slots)):
             idx = initial_job_idx + offset
             payload = cloudpickle.dumps((idx, list(overrides), self.hydra_context, self.config,
                                          self.task_function, state))
-            proc = ctx.Process(target=_execute, args=(payload, results),
-                               name=f"zsharp-worker-{idx}")
-            proc.start()
-            procs[idx] = proc
+            with contextlib.suppress(OSError):  # a process that died: reported below
+                slot.jobs.send_bytes(payload)
+            slot.jobs.close()
+            procs[idx] = slot.proc
         returns: dict[int, JobReturn] = {}
         try:
-            self._wait(procs, results, returns)
+            self._wait(procs, self._results, returns)
         except KeyboardInterrupt:  # a second Ctrl-C: stop now
             for proc in procs.values():
                 if proc.is_alive():
                     proc.kill()
             raise
+        finally:
+            self._results = None  # its semaphores go now, not at the interpreter's exit
         for idx, proc in procs.items():
             if idx not in returns:
                 how = (f"killed by {signal.Signals(-proc.exitcode).name}"

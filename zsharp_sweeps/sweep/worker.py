@@ -95,6 +95,8 @@ class SweepPlan:
     device_uuids: dict[str, str] = field(default_factory=dict)
     #: ``time.time()`` when the sweep started its workers: each says how long it took to join.
     launched_at: float = 0.0
+    #: Workers the sweep starts on this host: CPU workers share its cores between them.
+    host_workers: int = 1
 
     def device_for(self, worker_index: int) -> str:
         return self.devices[(worker_index // self.trials_per_device) % len(self.devices)]
@@ -275,9 +277,11 @@ class Worker:
     def _pin_device(self) -> str:
         """Streams, graphs, cuDNN and Triton launch on the current device: make it ours (and,
         in a process of its own, the only one it sees). Returns a note for the log line."""
+        if self.device.startswith("cpu"):
+            return self._share_cores()
         if not self.device.startswith("cuda:"):
             return ""
-        from zsharp_sweeps.sweep.gpus import pin_gpu
+        from zsharp_sweeps.sweep.placement import pin_gpu
 
         pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
                          own_process=os.getpid() != self.plan.main_pid)
@@ -285,6 +289,14 @@ class Worker:
         if pinned.note:
             log.warning(f"Worker {self.label}: {pinned.note}")
         return f" ({self.plan.device_uuids[self.device]} only)" if pinned.isolated else ""
+
+    def _share_cores(self) -> str:
+        if self.plan.host_workers <= 1:
+            return ""
+        from zsharp_sweeps.sweep.placement import share_cores
+
+        threads, cores = share_cores(self.plan.host_workers)
+        return f" ({threads} of {cores} cores)"
 
     def _retry_interrupted(self) -> None:
         """The interrupted trial is FAIL now (``optimize`` told it); enqueue its retry."""
@@ -426,6 +438,19 @@ class Worker:
         OmegaConf.save(cfg, hydra_dir / "config.yaml")
         OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
         return cfg
+
+
+@dataclass
+class WorkerJob:
+    """The launcher's task function. The launcher (and its worker processes, see
+    ``prestart``) exists before the study does, so the plan is filled in just before
+    ``launch``, which pickles it to every worker."""
+
+    plan: SweepPlan | None = None
+
+    def __call__(self, cfg: DictConfig) -> dict[str, Any]:
+        assert self.plan is not None, "WorkerJob.plan is set before the launcher runs jobs"
+        return run_worker(cfg, self.plan)
 
 
 def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:

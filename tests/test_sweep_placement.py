@@ -1,7 +1,7 @@
-"""A sweep worker's GPU: alone in its process it sees only its card (by UUID) and computes on
-cuda:0; where CUDA started before it could restrict it, it finds its card among all; in the
-sweep's own process it keeps every GPU. CUDA is faked: the logic, not the driver, is tested
-here (tests/gpu/multi runs it on two real GPUs)."""
+"""Where a sweep worker computes. Alone in its process it sees only its GPU (by UUID) and
+computes on cuda:0; where CUDA started before it could restrict it, it finds its card among
+all; in the sweep's own process it keeps every GPU. CPU workers split the host's cores. CUDA
+is faked: the logic, not the driver, is tested here (tests/gpu/multi runs it on two GPUs)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zsharp_sweeps.sweep.gpus import VISIBLE, gpu_uuids, pin_gpu
+from zsharp_sweeps.sweep.placement import VISIBLE, gpu_uuids, pin_gpu, share_cores
 
 HOST = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
 
@@ -97,3 +97,14 @@ def test_cpu_workers_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = FakeCuda(monkeypatch)
     assert pin_gpu("cpu:1", None, own_process=True).device == "cpu:1"
     assert cuda.current is None and VISIBLE not in os.environ
+
+
+@pytest.mark.parametrize("host_workers", [1, 2, 64])
+def test_cpu_workers_split_the_cores(host_workers: int) -> None:
+    before = torch.get_num_threads()
+    try:
+        threads, cores = share_cores(host_workers)
+        assert threads == max(1, cores // host_workers) == torch.get_num_threads()
+        assert cores == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,5 @@
-"""Which GPU a sweep worker computes on: its own, and (in a process of its own) only its own.
+"""Where a sweep worker computes: its own GPU (in a process of its own, the only one it
+sees), or its share of the host's CPU cores.
 
 Why a worker process sees one GPU: a CUDA process that starts with every GPU of the host
 visible initialises driver state for all of them, and on the GPU hosts measured here those
@@ -82,3 +83,19 @@ def pin_gpu(label: str, uuid: str | None, *, own_process: bool) -> Pinned:
                            f"{uuid}: computing on cuda:{found} with every GPU visible")
     torch.cuda.set_device(index)
     return Pinned(label, isolated=False)
+
+
+def share_cores(host_workers: int) -> tuple[int, int]:
+    """Give this process its share of the host's cores; returns (threads, cores).
+
+    CPU workers of one host split its cores: each would otherwise start a thread per core,
+    and two workers training at once on 2 cores ran 10x slower than one (OpenMP threads
+    spinning against each other). ``hardware.num_threads`` still wins per trial.
+    """
+    import torch
+
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    threads = max(1, cores // max(1, host_workers))
+    torch.set_num_threads(threads)
+    return threads, cores
