@@ -208,7 +208,12 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
         steady = (max(d[0] for d in done), min(d[-1] for d in done))
         steady = steady if steady[1] > steady[0] else None
     rates, first_epoch, later_epochs, eval_sharp = [], [], [], []
+    first_numbers = {str(ts[0].number) for ts in by_worker.values()}
+    setup_first, setup_later = [], []
     for r in children:
+        if "setup_s" in r.data.metrics:  # data, model, optimizer, the run's params
+            (setup_first if r.data.tags.get("trial_number") in first_numbers
+             else setup_later).append(r.data.metrics["setup_s"])
         history = client.get_metric_history(r.info.run_id, "train_images_per_s")
         if history:
             rates.append(max(m.value for m in history))
@@ -228,6 +233,8 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
         "epoch1_train_s": statistics.fmean(first_epoch) if first_epoch else None,
         "epoch_later_train_s": statistics.fmean(later_epochs) if later_epochs else None,
         "epoch_eval_sharpness_s": statistics.fmean(eval_sharp) if eval_sharp else None,
+        "setup_first_s": statistics.fmean(setup_first) if setup_first else None,
+        "setup_later_s": statistics.fmean(setup_later) if setup_later else None,
         "worker_starts": sorted(worker_starts),
         "trial_images_per_s": statistics.fmean(rates) if rates else None,
         "best_value": study.best_value if states.get("COMPLETE") else None,
@@ -270,7 +277,9 @@ def print_table(title: str, rows: dict[str, dict], base: dict | None = None) -> 
               f"{_fmt(r['wall_s'] - (r.get('after_last_trial_s') or 0), '.1f')}; train "
               f"{_fmt(r.get('epoch1_train_s'), '.2f')} / {_fmt(r.get('epoch_later_train_s'), '.2f')}"
               f"; eval+sharpness {_fmt(r.get('epoch_eval_sharpness_s'), '.2f')}; "
-              f"first trial fixed {_fmt(r.get('overhead_first_s'), '.1f')}; joined {joins}")
+              f"first trial fixed {_fmt(r.get('overhead_first_s'), '.1f')} (setup "
+              f"{_fmt(r.get('setup_first_s'), '.2f')}, later trials "
+              f"{_fmt(r.get('setup_later_s'), '.2f')}); joined {joins}")
 
 
 def main() -> int:

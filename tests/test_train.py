@@ -70,6 +70,8 @@ def test_short_digits_run_records_every_metric(
     for m in client.get_metric_history(run.info.run_id, "train_images_per_s"):
         assert m.value * times[m.step] == pytest.approx(3 * cfg.data.batch_size, rel=1e-3)
     assert 0.0 <= run.data.metrics["final_test_acc"] <= 1.0
+    # Set-up (data, model, optimizer) is part of the run's time, before any epoch.
+    assert 0 < run.data.metrics["setup_s"] < run.data.metrics["train_time_s"] - sum(times.values())
     assert run.data.params["optimizer.name"] == optimizer
     assert run.data.params["data.name"] == "digits"
     assert run.data.tags["optimizer"] == optimizer

@@ -236,6 +236,8 @@ def _run_training(
                 checkpoint_dir, run_id=tracker.run_id, config=resolved,
                 keep=train_cfg.trainer.keep_checkpoints,
             )
+        # Data, model, optimizer and the run's params: what a warm sweep worker saves.
+        setup_s = time.perf_counter() - started
         try:
             result = fit(
                 model, optimizer, data, train_cfg,
@@ -258,6 +260,7 @@ def _run_training(
         }
         summary = {
             **result.summary, **last_sharpness, "train_time_s": time.perf_counter() - started,
+            "setup_s": setup_s,
         }
         final = {
             k: v for k, v in summary.items()
