@@ -63,6 +63,11 @@ from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 
 log = logging.getLogger(__name__)
 
+#: What a worker imports before its first trial (MLflow alone takes a second or more): the
+#: launcher's prestarted processes import them while the sweeper sets up.
+WORKER_MODULES = ("zsharp_sweeps.sweep.worker", "zsharp_sweeps.tracking", "mlflow.tracking",
+                  "optuna", "matplotlib.pyplot")
+
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 
 
@@ -296,7 +301,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         )
         prestart = getattr(launcher, "prestart", None)
         if prestart is not None and self.n_jobs > 1:
-            prestart(self.n_jobs)
+            prestart(self.n_jobs, preload=WORKER_MODULES)
         try:
             self._sweep(storage, space, fixed, grid, launcher, job)
         finally:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import logging
 import multiprocessing
 import multiprocessing.process
@@ -61,9 +62,12 @@ def _run(idx: int, overrides: list[str], hydra_context: HydraContext, config: Di
                    job_subdir_key="hydra.sweep.subdir")
 
 
-def _execute(jobs: Connection, results: Any) -> None:
-    """In the worker process: wait for the job, rebuild Hydra's state, run the job, send
-    back its return."""
+def _execute(jobs: Connection, results: Any, preload: tuple[str, ...] = ()) -> None:
+    """In the worker process: import what the job will need, wait for the job, rebuild
+    Hydra's state, run the job, send back its return."""
+    for name in preload:  # while the sweeper is still setting up: off the critical path
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     try:
         payload = jobs.recv_bytes()
     except EOFError:  # the sweep ended (or failed) before it needed this worker
@@ -113,11 +117,12 @@ class WorkersLauncher(Launcher):
         self._results = None
         self._idle: list[_Slot] = []
 
-    def prestart(self, n_workers: int) -> None:
-        """Start ``n_workers`` processes now; ``launch`` hands them their jobs. Those it does
-        not use end when ``discard`` (or this process's exit) closes their pipes."""
+    def prestart(self, n_workers: int, preload: Sequence[str] = ()) -> None:
+        """Start ``n_workers`` processes now, each importing the modules in ``preload``;
+        ``launch`` hands them their jobs. Those it does not use end when ``discard`` (or this
+        process's exit) closes their pipes."""
         while len(self._idle) < n_workers:
-            self._idle.append(self._start())
+            self._idle.append(self._start(tuple(preload)))
 
     def discard(self) -> None:
         """Let the processes that got no job end."""
@@ -127,11 +132,11 @@ class WorkersLauncher(Launcher):
         for slot in idle:
             slot.proc.join(timeout=10)
 
-    def _start(self) -> _Slot:
+    def _start(self, preload: tuple[str, ...] = ()) -> _Slot:
         if self._results is None:
             self._results = self._ctx.SimpleQueue()
         receive, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_execute, args=(receive, self._results),
+        proc = self._ctx.Process(target=_execute, args=(receive, self._results, preload),
                                  name="zsharp-worker")
         proc.start()
         receive.close()  # the child holds it now: its death closes the pipe
