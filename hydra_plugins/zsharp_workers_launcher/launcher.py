@@ -13,9 +13,11 @@ Start-up, measured on a 2-GPU host (docs/benchmarks.md): a spawned process impor
 sweep's main module (torch, Hydra, ...) before it reads its arguments, and the parent's
 write of arguments larger than a pipe's buffer waits for that read, so workers whose job
 (config, Hydra's state, the plan) travelled as arguments started one after another, 4-5 s
-apart. Here a process is started with nothing but a pipe, all of them at once, and gets its
-job through the pipe. ``prestart`` starts them before the sweep has a study, so their
-imports overlap the sweeper's own set-up.
+apart. Here a process starts with nothing but its two pipes (job in, result out), all of
+them at once, and gets its job through the pipe. ``prestart`` starts them before the sweep
+has a study: forked where that is safe (``fork_is_safe``: torch and the project are then
+imported already), spawned otherwise, importing what the job needs while the sweeper sets
+up.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ import multiprocessing
 import multiprocessing.process
 import os
 import signal
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import cloudpickle
 from hydra.core.hydra_config import HydraConfig
@@ -62,9 +65,14 @@ def _run(idx: int, overrides: list[str], hydra_context: HydraContext, config: Di
                    job_subdir_key="hydra.sweep.subdir")
 
 
-def _execute(jobs: Connection, results: Any, preload: tuple[str, ...] = ()) -> None:
+def _execute(jobs: Connection, results: Connection, preload: tuple[str, ...] = (),
+             inherited: tuple[Connection, ...] = ()) -> None:
     """In the worker process: import what the job will need, wait for the job, rebuild
-    Hydra's state, run the job, send back its return."""
+    Hydra's state, run the job, send back its return. ``inherited``: the launcher's ends of
+    every worker's pipes, which a forked child holds copies of; closed here, or no worker
+    would see its job pipe close when the sweep no longer needs it."""
+    for conn in inherited:
+        conn.close()
     for name in preload:  # while the sweeper is still setting up: off the critical path
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
@@ -87,22 +95,36 @@ def _execute(jobs: Connection, results: Any, preload: tuple[str, ...] = ()) -> N
         ret.return_value = RuntimeError(f"job {idx}: {exc!r}")
         ret.status = JobStatus.FAILED
         blob = cloudpickle.dumps((idx, ret))
-    results.put(blob)
+    results.send_bytes(blob)
+    results.close()
     # The result is sent and every run and trial is recorded. multiprocessing still runs its
-    # finalizers (semaphores) when this returns; then, as the first exit handler, the process
-    # ends without the interpreter's teardown: collecting CUDA tensors only delays the
-    # sweep's end, and a library's C++ destructors aborted some workers' exits ("terminate
-    # called without an active exception").
+    # finalizers (semaphores) when this returns; then, as the first exit handler, a spawned
+    # process ends without the interpreter's teardown: collecting CUDA tensors only delays
+    # the sweep's end, and a library's C++ destructors aborted some workers' exits
+    # ("terminate called without an active exception"). A forked one ends so anyway.
     logging.shutdown()
     atexit.register(os._exit, 0)
 
 
+def fork_is_safe() -> bool:
+    """Whether a worker may be forked from this process now: Linux (macOS's system libraries
+    do not survive a fork), one thread, and CUDA not started (a forked child cannot use
+    it). A forked worker starts in milliseconds with torch and the project already
+    imported; a spawned one imports them again (seconds: 3-6 s on the GPU hosts measured)."""
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return False
+    torch = sys.modules.get("torch")
+    return torch is None or not torch.cuda.is_initialized()
+
+
 @dataclass
 class _Slot:
-    """A started worker process and the pipe its job will come through."""
+    """A started worker process, the pipe its job will come through and the one its result
+    goes back through."""
 
     proc: multiprocessing.process.BaseProcess
     jobs: Connection
+    results: Connection
 
 
 class WorkersLauncher(Launcher):
@@ -113,9 +135,11 @@ class WorkersLauncher(Launcher):
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
-        self._ctx = multiprocessing.get_context("spawn")  # a fresh CUDA context per worker
-        self._results = None
         self._idle: list[_Slot] = []
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def prestart(self, n_workers: int, preload: Sequence[str] = ()) -> None:
         """Start ``n_workers`` processes now, each importing the modules in ``preload``;
@@ -131,20 +155,24 @@ class WorkersLauncher(Launcher):
             slot.jobs.close()
         for slot in idle:
             slot.proc.join(timeout=10)
+            slot.results.close()
 
     def _start(self, preload: tuple[str, ...] = ()) -> _Slot:
-        if self._results is None:
-            self._results = self._ctx.SimpleQueue()
-        receive, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_execute, args=(receive, self._results, preload),
-                                 name="zsharp-worker")
+        # Each process has its own pipes, so forked and spawned workers can mix (a queue
+        # shared between them could not).
+        fork = fork_is_safe()
+        ctx = multiprocessing.get_context("fork" if fork else "spawn")
+        job_out, job_in = ctx.Pipe(duplex=False)
+        result_out, result_in = ctx.Pipe(duplex=False)
+        inherited = ((job_in, result_out, *(c for s in self._idle for c in (s.jobs, s.results)))
+                     if fork else ())
+        proc = ctx.Process(target=_execute, args=(job_out, result_in, preload, inherited),
+                           name="zsharp-worker")
         proc.start()
-        receive.close()  # the child holds it now: its death closes the pipe
-        return _Slot(proc, send)
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
-        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        log.debug(f"worker process {proc.pid} {'forked' if fork else 'spawned'}")
+        job_out.close()  # the child holds these now: its death closes the pipes
+        result_in.close()
+        return _Slot(proc, job_in, result_out)
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
@@ -163,7 +191,7 @@ class WorkersLauncher(Launcher):
         slots, self._idle = self._idle[: len(job_overrides)], self._idle[len(job_overrides):]
         self.discard()
         state = Singleton.get_state()
-        procs = {}
+        pending: dict[int, _Slot] = {}
         for offset, (overrides, slot) in enumerate(zip(job_overrides, slots)):
             idx = initial_job_idx + offset
             payload = cloudpickle.dumps((idx, list(overrides), self.hydra_context, self.config,
@@ -171,22 +199,21 @@ class WorkersLauncher(Launcher):
             with contextlib.suppress(OSError):  # a process that died: reported below
                 slot.jobs.send_bytes(payload)
             slot.jobs.close()
-            procs[idx] = slot.proc
+            pending[idx] = slot
         returns: dict[int, JobReturn] = {}
         try:
-            self._wait(procs, self._results, returns)
+            self._wait(pending, returns)
         except KeyboardInterrupt:  # a second Ctrl-C: stop now
-            for proc in procs.values():
-                if proc.is_alive():
-                    proc.kill()
+            for slot in pending.values():
+                if slot.proc.is_alive():
+                    slot.proc.kill()
             raise
-        finally:
-            self._results = None  # its semaphores go now, not at the interpreter's exit
-        for idx, proc in procs.items():
+        for idx, slot in pending.items():
+            slot.results.close()
             if idx not in returns:
-                how = (f"killed by {signal.Signals(-proc.exitcode).name}"
-                       if proc.exitcode is not None and proc.exitcode < 0
-                       else f"exit code {proc.exitcode}")
+                code = slot.proc.exitcode
+                how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                       else f"exit code {code}")
                 ret = JobReturn(overrides=list(job_overrides[idx - initial_job_idx]))
                 ret.status = JobStatus.FAILED
                 ret.return_value = WorkerDied(f"worker {idx} ended without a result ({how})")
@@ -194,19 +221,27 @@ class WorkersLauncher(Launcher):
         return [returns[idx] for idx in sorted(returns)]
 
     @staticmethod
-    def _wait(procs: dict, results: Any, returns: dict[int, JobReturn]) -> None:
+    def _wait(slots: dict[int, _Slot], returns: dict[int, JobReturn]) -> None:
         """Collect results until every process has ended (a dead one sends none)."""
         from multiprocessing.connection import wait
 
-        pending = dict(procs)
-        while pending:
-            while not results.empty():
-                idx, ret = cloudpickle.loads(results.get())
-                returns[idx] = ret
-            for idx in [i for i, p in pending.items() if not p.is_alive()]:
-                pending.pop(idx).join()
-            if pending:
-                wait([p.sentinel for p in pending.values()], timeout=0.5)
-        while not results.empty():
-            idx, ret = cloudpickle.loads(results.get())
-            returns[idx] = ret
+        running = dict(slots)
+        open_results = {slot.results: idx for idx, slot in slots.items()}
+        while running:
+            ready = wait([*open_results, *(s.proc.sentinel for s in running.values())],
+                         timeout=0.5)
+            for conn in [c for c in ready if c in open_results]:
+                try:
+                    idx, ret = cloudpickle.loads(conn.recv_bytes())
+                    returns[idx] = ret
+                except EOFError:  # died before sending
+                    pass
+                open_results.pop(conn)
+            for idx in [i for i, s in running.items() if not s.proc.is_alive()]:
+                slot = running.pop(idx)
+                slot.proc.join()
+                if slot.results in open_results and slot.results.poll():
+                    with contextlib.suppress(EOFError):  # sent just before it ended
+                        _, ret = cloudpickle.loads(slot.results.recv_bytes())
+                        returns[idx] = ret
+                open_results.pop(slot.results, None)

@@ -88,9 +88,10 @@ def pin_gpu(label: str, uuid: str | None, *, own_process: bool) -> Pinned:
 def share_cores(host_workers: int) -> tuple[int, int]:
     """Give this process its share of the host's cores; returns (threads, cores).
 
-    CPU workers of one host split its cores: each would otherwise start a thread per core,
-    and two workers training at once on 2 cores ran 10x slower than one (OpenMP threads
-    spinning against each other). ``hardware.num_threads`` still wins per trial.
+    The workers of one host split its cores: each would otherwise start a thread per core,
+    and two CPU workers training at once on 2 cores ran 10x slower than one (OpenMP threads
+    spinning against each other); a GPU worker's host-side work (data, augmentation draws)
+    gets its share too. ``hardware.num_threads`` still wins per trial.
     """
     import torch
 

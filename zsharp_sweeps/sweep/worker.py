@@ -276,27 +276,25 @@ class Worker:
 
     def _pin_device(self) -> str:
         """Streams, graphs, cuDNN and Triton launch on the current device: make it ours (and,
-        in a process of its own, the only one it sees). Returns a note for the log line."""
-        if self.device.startswith("cpu"):
-            return self._share_cores()
-        if not self.device.startswith("cuda:"):
-            return ""
-        from zsharp_sweeps.sweep.placement import pin_gpu
+        in a process of its own, the only one it sees); the host's CPU cores are shared by
+        its workers. Returns a note for the log line."""
+        notes = []
+        if self.device.startswith("cuda:"):
+            from zsharp_sweeps.sweep.placement import pin_gpu
 
-        pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
-                         own_process=os.getpid() != self.plan.main_pid)
-        self.compute_device = pinned.device
-        if pinned.note:
-            log.warning(f"Worker {self.label}: {pinned.note}")
-        return f" ({self.plan.device_uuids[self.device]} only)" if pinned.isolated else ""
+            pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
+                             own_process=os.getpid() != self.plan.main_pid)
+            self.compute_device = pinned.device
+            if pinned.note:
+                log.warning(f"Worker {self.label}: {pinned.note}")
+            if pinned.isolated:
+                notes.append(f"{self.plan.device_uuids[self.device]} only")
+        if self.plan.host_workers > 1:
+            from zsharp_sweeps.sweep.placement import share_cores
 
-    def _share_cores(self) -> str:
-        if self.plan.host_workers <= 1:
-            return ""
-        from zsharp_sweeps.sweep.placement import share_cores
-
-        threads, cores = share_cores(self.plan.host_workers)
-        return f" ({threads} of {cores} cores)"
+            threads, cores = share_cores(self.plan.host_workers)
+            notes.append(f"{threads} of {cores} cores")
+        return f" ({', '.join(notes)})" if notes else ""
 
     def _retry_interrupted(self) -> None:
         """The interrupted trial is FAIL now (``optimize`` told it); enqueue its retry."""
