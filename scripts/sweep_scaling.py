@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,10 @@ class GpuSampler:
 
 
 def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *,
-          extra: list[str], tree: Path = REPO, workers_per_gpu: int | None = None) -> dict:
-    """One sweep on the first ``n_gpus`` GPUs with ``n_gpus x k`` workers."""
+          extra: list[str], tree: Path = REPO, workers_per_gpu: int | None = None,
+          timeout: float | None = None) -> dict:
+    """One sweep on the first ``n_gpus`` GPUs with ``n_gpus x k`` workers; stopped (and
+    marked ``censored``) after ``timeout`` s."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -128,14 +131,25 @@ def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *
     print(f"[{workdir.name}] {' '.join(cmd[3:])}", flush=True)
     with GpuSampler(workdir / "nvidia_smi.csv") as sampler, open(workdir / "sweep.log", "w") as out:
         start, started_at = time.perf_counter(), time.time()
-        proc = subprocess.run(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # censored: the sweep took at least `timeout` s
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
         wall = time.perf_counter() - start
-    result: dict = {"returncode": proc.returncode, "wall_s": wall, "gpus": n_gpus,
+    result: dict = {"returncode": returncode, "wall_s": wall, "gpus": n_gpus,
                     "workers": n_gpus * k, "command": " ".join(cmd[1:]),
                     "started_at": started_at}
-    if proc.returncode != 0:
+    if returncode is None:
+        result["censored"] = True
+        result["problems"] = [f"stopped after {timeout:.0f} s (--sweep-timeout): wall >= that"]
+        return result
+    if returncode != 0:
         print((workdir / "sweep.log").read_text()[-3000:], file=sys.stderr)
-        result["problems"] = [f"sweep exited with {proc.returncode}"]
+        result["problems"] = [f"sweep exited with {returncode}"]
         return result
     result.update(check_stores(workdir, n_gpus, n_trials, args))
     result["trials_per_hour"] = 3600 * result["trials"] / wall
@@ -297,6 +311,8 @@ def main() -> int:
     parser.add_argument("--util-trials-per-worker", type=int, default=6)
     parser.add_argument("--pruned-trials", type=int, default=24)
     parser.add_argument("--pruned-epochs", type=int, default=6)
+    parser.add_argument("--sweep-timeout", type=float, default=None,
+                        help="stop the baseline sweep after this many s (a lower bound)")
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="checkout of the batch-synchronous sweeper to compare against")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -314,6 +330,7 @@ def main() -> int:
         print_table(f"{args.model}, {args.epochs} epochs, {args.workers_per_gpu} worker(s)/GPU",
                     rows, base=rows["scaling-1gpu"])
         results.update(rows)
+        save(args.out, results)  # what ran so far survives a later sweep's crash or timeout
     if "util" in modes:
         rows = {}
         for k in (int(v) for v in args.util_workers.split(",")):
@@ -323,6 +340,7 @@ def main() -> int:
         print_table(f"GPU busy share, {args.gpus} GPU(s), {args.util_trials_per_worker} trials "
                     "per worker", rows)
         results.update(rows)
+        save(args.out, results)  # what ran so far survives a later sweep's crash or timeout
     if "pruned" in modes:
         rows = {}
         pruned = [f"trainer.epochs={args.pruned_epochs}", "study.pruner=hyperband",
@@ -333,14 +351,21 @@ def main() -> int:
             rows["pruned-batch-sync"] = sweep(
                 args.out / "pruned_batch", args.gpus, args.pruned_trials, args,
                 extra=[*pruned, "hydra/launcher=joblib"], tree=args.baseline_tree.resolve(),
+                timeout=args.sweep_timeout,
             )
         print_table(f"hyperband, {args.pruned_trials} trials x <= {args.pruned_epochs} epochs",
                     rows)
-        if len(rows) == 2 and all("wall_s" in r for r in rows.values()):
-            speedup = rows["pruned-batch-sync"]["wall_s"] / rows["pruned-workers"]["wall_s"]
-            print(f"workers vs batch-synchronous: {speedup:.2f}x faster")
-            rows["pruned-workers"]["speedup_vs_batch"] = speedup
+        workers, batch = rows["pruned-workers"], rows.get("pruned-batch-sync", {})
+        if "trials_per_hour" in workers and "wall_s" in batch:
+            speedup = batch["wall_s"] / workers["wall_s"]
+            at_least = ">= " if batch.get("censored") else ""
+            print(f"workers vs batch-synchronous: {at_least}{speedup:.2f}x faster"
+                  + (" (the batch sweep was stopped at --sweep-timeout)" if at_least else ""))
+            workers["speedup_vs_batch"] = speedup
+            workers["speedup_is_lower_bound"] = bool(at_least)
+            batch.pop("problems", None)  # a stopped baseline is a bound, not a failure
         results.update(rows)
+        save(args.out, results)  # what ran so far survives a later sweep's crash or timeout
 
     problems = {k: r["problems"] for k, r in results.items() if r.get("problems")}
     for k, p in problems.items():
@@ -348,9 +373,13 @@ def main() -> int:
     if not problems:
         print("checks: every trial finished with one MLflow child run under one parent run; "
               "device tags cover every GPU")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep_bench.json").write_text(json.dumps(results, indent=2, default=str))
+    save(args.out, results)
     return 1 if problems else 0
+
+
+def save(out: Path, results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep_bench.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":
