@@ -189,7 +189,8 @@ class HardwareConfig:
     deterministic: bool = False
     # In a sweep: how many workers share one GPU. Worker i of a host runs on
     # cuda:(i // trials_per_gpu) % device_count for its whole life (hydra.sweeper.n_jobs
-    # workers in all: set it to device_count x trials_per_gpu).
+    # workers in all: set it to device_count x trials_per_gpu). 2 for short trials: one
+    # worker's evaluation and logging overlap the other's training (docs/sweeps.md).
     trials_per_gpu: int = 1
 
     def __post_init__(self) -> None:
