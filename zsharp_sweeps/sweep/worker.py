@@ -1,8 +1,9 @@
 """Sweep workers: long-lived processes that pull trials from the shared Optuna storage.
 
 The sweeper (``hydra_plugins/zsharp_optuna_sweeper``) starts W workers through Hydra's
-launcher (joblib on one host, submitit on SLURM); the same command on another host adds
-workers to the same study. Each worker is pinned to one device for its life and loops:
+launcher (``zsharp_workers`` on one host, submitit on SLURM, joblib still works); the same
+command on another host adds workers to the same study. Each worker is pinned to one device
+for its life (``placement``: in a process of its own it sees only that GPU) and loops:
 ask the study for a trial (``study.optimize(n_trials=1)``: Optuna's heartbeat, stale-trial
 check and tell come with it), compose the trial's config with Hydra's compose API (the
 sweep's overrides plus the sampled values), train it in-process and tell the result. A free
