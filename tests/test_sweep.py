@@ -194,6 +194,28 @@ def test_failures_count_over_the_study_not_per_trial(tmp_path: Path) -> None:
     assert [t.state for t in load_study(other).get_trials()] == [TrialState.FAIL] * 2
 
 
+def test_a_bad_launcher_setting_is_one_line_and_creates_nothing(tmp_path: Path) -> None:
+    proc = run_sweep(tmp_path, "hydra.sweeper.n_jobs=2", "hydra.launcher.start_method=thread",
+                     check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: hydra.launcher.start_method='thread': allowed auto, fork, spawn"
+    ], proc.stderr[-2000:]
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_spawned_workers_run_the_sweep_too(cwd: Path) -> None:
+    """``start_method=spawn`` (where forking is unsafe): the same sweep, fresh processes."""
+    proc = run_sweep(cwd, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2",
+                     "trainer.epochs=1", "hydra.launcher.start_method=spawn",
+                     "hydra.verbose=[hydra_plugins.zsharp_workers_launcher.launcher]")
+    output = proc.stdout + proc.stderr
+    assert len(re.findall(r"worker process \d+ spawned", output)) == 2, output[-3000:]
+    assert "forked" not in output
+    trials = load_study(cwd).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+
+
 def test_invalid_swept_value_is_refused_before_anything_is_created(cwd: Path) -> None:
     proc = run_sweep(cwd, "optimizer.momentum=choice(0.9,1.5)", check=False)
     assert proc.returncode == 2

@@ -99,8 +99,25 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        # What the stock setup sets, except that the launcher runs workers (``WorkerJob``),
+        # not the task function: it is instantiated once, here, with the plan filled in at
+        # launch.
+        self.job_idx = 0
+        self.config, self.hydra_context = config, hydra_context
+        self.sweep_dir = config.hydra.sweep.dir
         self.task_function = task_function
+        self.job = WorkerJob()
+        try:
+            self.launcher = Plugins.instance().instantiate_launcher(
+                config=config, hydra_context=hydra_context, task_function=self.job,
+            )
+        except Exception as exc:  # a launcher setting out of range: one line, like the rest
+            cause = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if not isinstance(cause, ValueError):
+                raise
+            _fail(str(cause))
 
     # ----- set-up ------------------------------------------------------------------------
     def _storage_url(self) -> str:
@@ -295,10 +312,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         self._check_configs(space, fixed)
         # The launcher's worker processes start now (zsharp_workers: imports take seconds),
         # while the study and the MLflow parent run are set up; they get the plan at launch.
-        job = WorkerJob()
-        launcher = Plugins.instance().instantiate_launcher(
-            config=self.config, hydra_context=self.hydra_context, task_function=job,
-        )
+        launcher, job = self.launcher, self.job
         prestart = getattr(launcher, "prestart", None)
         if prestart is not None and self.n_jobs > 1:
             prestart(self.n_jobs, preload=WORKER_MODULES)

@@ -11,6 +11,11 @@ class WorkersLauncherConf:
     # Seconds a worker gets to record its running trial after a stop request (SIGINT/SIGTERM
     # of the sweep) before it is killed.
     stop_timeout_s: float = 60.0
+    # How worker processes start: auto (forked where safe: Linux, one thread, CUDA not started
+    # in the sweep's process; spawned otherwise), fork or spawn. spawn if something in the
+    # sweep's process touches CUDA before the workers start (e.g. a Hydra callback calling
+    # torch.cuda.is_available()) and forked workers fail with "Cannot re-initialize CUDA".
+    start_method: str = "auto"
 
 
 ConfigStore.instance().store(

@@ -117,6 +117,9 @@ def fork_is_safe() -> bool:
     return torch is None or not torch.cuda.is_initialized()
 
 
+START_METHODS = ("auto", "fork", "spawn")
+
+
 @dataclass
 class _Slot:
     """A started worker process, the pipe its job will come through and the one its result
@@ -130,8 +133,13 @@ class _Slot:
 class WorkersLauncher(Launcher):
     """``hydra/launcher=zsharp_workers``: every job at once, each in its own process."""
 
-    def __init__(self, stop_timeout_s: float = 60.0) -> None:
+    def __init__(self, stop_timeout_s: float = 60.0, start_method: str = "auto") -> None:
+        if start_method not in START_METHODS:
+            raise ValueError(
+                f"hydra.launcher.start_method={start_method!r}: allowed {', '.join(START_METHODS)}"
+            )
         self.stop_timeout_s = stop_timeout_s
+        self.start_method = start_method
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -160,7 +168,7 @@ class WorkersLauncher(Launcher):
     def _start(self, preload: tuple[str, ...] = ()) -> _Slot:
         # Each process has its own pipes, so forked and spawned workers can mix (a queue
         # shared between them could not).
-        fork = fork_is_safe()
+        fork = self.start_method == "fork" or (self.start_method == "auto" and fork_is_safe())
         ctx = multiprocessing.get_context("fork" if fork else "spawn")
         job_out, job_in = ctx.Pipe(duplex=False)
         result_out, result_in = ctx.Pipe(duplex=False)

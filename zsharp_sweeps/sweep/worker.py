@@ -283,8 +283,17 @@ class Worker:
         if self.device.startswith("cuda:"):
             from zsharp_sweeps.sweep.placement import pin_gpu
 
-            pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
-                             own_process=os.getpid() != self.plan.main_pid)
+            try:
+                pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
+                                 own_process=os.getpid() != self.plan.main_pid)
+            except RuntimeError as exc:
+                if "forked subprocess" not in str(exc):
+                    raise
+                raise RuntimeError(
+                    f"worker {self.label} was forked after CUDA had started in the sweep's "
+                    "process (a Hydra callback or plugin touched torch.cuda before the "
+                    "workers started): rerun with hydra.launcher.start_method=spawn"
+                ) from exc
             self.compute_device = pinned.device
             if pinned.note:
                 log.warning(f"Worker {self.label}: {pinned.note}")
