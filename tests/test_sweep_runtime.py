@@ -241,3 +241,29 @@ def test_prestarted_worker_processes_wait_for_a_job_and_end_when_discarded() -> 
     launcher.discard()
     assert all(not p.is_alive() and p.exitcode == 0 for p in started)
     assert not set(multiprocessing.active_children()) - before
+
+
+def test_a_worker_forked_after_cuda_started_says_to_spawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch refuses CUDA in a child forked after the parent started it; the worker's error
+    names the setting that avoids it."""
+    import zsharp_sweeps.sweep.placement as placement
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess. To use CUDA with "
+                           "multiprocessing, you must use the 'spawn' start method")
+
+    monkeypatch.setattr(placement, "pin_gpu", refuse)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="f", storage=storage, direction="maximize")
+    plan = SweepPlan(
+        study_name="f", storage=storage, n_trials=1, max_failure_rate=0.0, space={},
+        fixed_overrides=[], make_sampler=functools.partial(optuna.samplers.RandomSampler),
+        sampler_seed=0, study=StudyConfig(), objectives=["best_val_acc"],
+        config_name="config", sweep_dir=str(tmp_path / "sweep"), devices=["cuda:1"],
+        trials_per_device=1, main_pid=-1, stop_file=str(tmp_path / "stop"),
+    )
+    with pytest.raises(RuntimeError, match="hydra.launcher.start_method=spawn"):
+        Worker(plan, index=0).run()
+    assert optuna.load_study(study_name="f", storage=storage).trials == []
