@@ -147,3 +147,38 @@ def test_a_killed_worker_is_noticed_by_the_heartbeat_and_its_trial_retried(cwd: 
     client, _, _ = mlflow_runs(cwd)
     steps = [m.step for m in client.get_metric_history(resumed.info.run_id, "val_acc")]
     assert sorted(steps) == list(range(1, 41))
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with open(task / "children") as f:
+            found |= {int(p) for p in f.read().split()}
+    return found
+
+
+def test_ctrl_c_during_set_up_ends_the_waiting_workers_and_leaves_nothing_running(
+    cwd: Path,
+) -> None:
+    """The worker processes start before the study exists; Ctrl-C while the sweeper is
+    still setting up (here: waiting for the study database's first-touch lock) ends them
+    and the sweep in one line, exit 130."""
+    from filelock import FileLock
+
+    from .sweep_helpers import STUDY
+
+    (cwd / "multirun" / STUDY).mkdir(parents=True)
+    with FileLock(str(cwd / "multirun" / STUDY / "optuna.db.lock")):
+        proc = start_sweep(cwd, "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2")
+        workers = wait_for(lambda: _children(proc.pid) if len(_children(proc.pid)) == 2
+                           else set(), 120, "the two worker processes", proc)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    for pid in workers:
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, f"worker {pid} to exit")
+    log = (cwd / "sweep.log").read_text()
+    assert "Sweep interrupted: rerun the same command to resume" in log
+    assert "Traceback" not in log, log[-3000:]
+    assert not (cwd / "multirun" / STUDY / "optuna.db").exists()
+    _, parents, children = mlflow_runs(cwd)
+    assert parents == [] and children == []

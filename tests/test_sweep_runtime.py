@@ -267,3 +267,31 @@ def test_a_worker_forked_after_cuda_started_says_to_spawn(
     with pytest.raises(RuntimeError, match="hydra.launcher.start_method=spawn"):
         Worker(plan, index=0).run()
     assert optuna.load_study(study_name="f", storage=storage).trials == []
+
+
+def test_interrupted_trials_log_no_optuna_traceback() -> None:
+    """Ctrl-C/SIGTERM in a trial: the worker's one line says it; Optuna's traceback of it is
+    dropped. Any other failure keeps its traceback."""
+    import io
+    import logging
+
+    from zsharp_sweeps.signals import Terminated
+    from zsharp_sweeps.sweep.quiet import quiet_interrupted_trials
+
+    optuna.logging.enable_default_handler()
+    quiet_interrupted_trials()
+    quiet_interrupted_trials()  # twice: one filter
+    handler = logging.getLogger("optuna").handlers[0]
+    assert len(handler.filters) == 1
+    logger = optuna.logging.get_logger("optuna.study._optimize")
+    stream = handler.setStream(io.StringIO())
+    try:
+        for exc in (KeyboardInterrupt(), Terminated(), ValueError("diverged")):
+            try:
+                raise exc
+            except BaseException:
+                logger.warning(f"Trial 0 failed because of {type(exc).__name__}", exc_info=True)
+    finally:
+        err = handler.setStream(stream).getvalue()
+    assert "KeyboardInterrupt" not in err and "Terminated" not in err
+    assert "Trial 0 failed because of ValueError" in err and "Traceback" in err

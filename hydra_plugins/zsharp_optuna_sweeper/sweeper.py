@@ -32,6 +32,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -318,6 +319,11 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             prestart(self.n_jobs, preload=WORKER_MODULES)
         try:
             self._sweep(storage, space, fixed, grid, launcher, job)
+        except KeyboardInterrupt:  # Ctrl-C before the workers started, or a second one
+            # Everything is recorded (the parent run, if any, ended KILLED): one line, no
+            # traceback, the shell's exit status for SIGINT.
+            print("Sweep interrupted: rerun the same command to resume", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         finally:
             discard = getattr(launcher, "discard", None)
             if discard is not None:
@@ -342,27 +348,27 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             f"{self.n_trials} trials, {self.n_jobs} worker(s) on this host"
         )
         tracker = Tracker(section(self.config, "tracking"))
-        parent_run_id = self._parent_run(tracker, study, space, fixed)
         hardware = section(self.config, "hardware")
-        devices = self._devices()
-        plan = SweepPlan(
-            study_name=study.study_name, storage=storage, n_trials=self.n_trials,
-            max_failure_rate=self.max_failure_rate, space=space, fixed_overrides=fixed,
-            make_sampler=make_sampler, sampler_seed=seed, study=section(self.config, "study"),
-            objectives=objectives,
-            config_name=self._config_name(), sweep_dir=str(sweep_dir),
-            devices=devices, device_uuids=gpu_uuids(devices),
-            trials_per_device=hardware.trials_per_gpu,
-            main_pid=os.getpid(),
-            stop_file=str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"),
-            main_host=socket.gethostname(),
-            parent_run_id=parent_run_id, heartbeat_interval=self.heartbeat_interval,
-            grace_period=self.grace_period, max_retry=self.max_retry,
-            custom_search_space_extender=self.custom_search_space_extender,
-        )
-        stop = StopRequest(plan.stop_file)
+        devices = self._devices()  # before the parent run: CUDA's start can take seconds
+        device_uuids = gpu_uuids(devices)
+        stop = StopRequest(str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"))
         status, error = "FAILED", None
-        try:
+        try:  # from here on the parent run ends KILLED/FAILED/FINISHED whatever happens
+            parent_run_id = self._parent_run(tracker, study, space, fixed)
+            plan = SweepPlan(
+                study_name=study.study_name, storage=storage, n_trials=self.n_trials,
+                max_failure_rate=self.max_failure_rate, space=space, fixed_overrides=fixed,
+                make_sampler=make_sampler, sampler_seed=seed,
+                study=section(self.config, "study"), objectives=objectives,
+                config_name=self._config_name(), sweep_dir=str(sweep_dir),
+                devices=devices, device_uuids=device_uuids,
+                trials_per_device=hardware.trials_per_gpu,
+                main_pid=os.getpid(), stop_file=str(stop.stop_file),
+                main_host=socket.gethostname(),
+                parent_run_id=parent_run_id, heartbeat_interval=self.heartbeat_interval,
+                grace_period=self.grace_period, max_retry=self.max_retry,
+                custom_search_space_extender=self.custom_search_space_extender,
+            )
             with stop.installed():
                 returns = self._launch(plan, launcher, job)
             error = self._worker_error(returns, study)

@@ -73,12 +73,14 @@ def _execute(jobs: Connection, results: Connection, preload: tuple[str, ...] = (
     would see its job pipe close when the sweep no longer needs it."""
     for conn in inherited:
         conn.close()
-    for name in preload:  # while the sweeper is still setting up: off the critical path
-        with contextlib.suppress(ImportError):
-            importlib.import_module(name)
     try:
+        for name in preload:  # while the sweeper is still setting up: off the critical path
+            with contextlib.suppress(ImportError):
+                importlib.import_module(name)
         payload = jobs.recv_bytes()
     except EOFError:  # the sweep ended (or failed) before it needed this worker
+        return
+    except KeyboardInterrupt:  # Ctrl-C before the job came: the sweep's process handles it
         return
     finally:
         jobs.close()

@@ -46,7 +46,7 @@ from zsharp_sweeps.sweep.progress import (
     progress,
     retried_from,
 )
-from zsharp_sweeps.sweep.quiet import optuna_experimental
+from zsharp_sweeps.sweep.quiet import optuna_experimental, quiet_interrupted_trials
 from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, suggest
 from zsharp_sweeps.sweep.trial import build_pruner
 
@@ -473,6 +473,7 @@ def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
         index = 0
     # Our own "trial N complete: ..." lines say what Optuna's INFO lines say, per worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_interrupted_trials()
     with watchdog(plan.stop_file, plan.main_pid, plan.main_host or None), graceful_stop():
         worker = Worker(plan, index, job_config=cfg)
         return worker.run()
