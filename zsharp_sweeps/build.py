@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zsharp_sweeps.config import TrainConfig
+from zsharp_sweeps.config import ConfigError, HardwareConfig, TrainConfig
 from zsharp_sweeps.data import DataBundle, build_data
 from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.models import build_model
@@ -47,6 +47,17 @@ def build_parts(
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model, capturable=cfg.hardware.cuda_graph)
     return data, model, optimizer
+
+
+def check_graphable(hw: HardwareConfig, device: torch.device) -> None:
+    """``hardware.cuda_graph`` needs a CUDA device and no fp16 loss scaler (its host-side
+    skip-on-inf logic cannot be captured). The trainer calls this before any run is opened;
+    ``build_step`` calls it for every other caller."""
+    if hw.cuda_graph and (device.type != "cuda" or hw.precision == "fp16"):
+        raise ConfigError(
+            f"hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 (got "
+            f"device {device}, precision {hw.precision}): allowed here hardware.cuda_graph=false"
+        )
 
 
 def to_memory_format(x: Tensor, channels_last: bool) -> Tensor:
@@ -111,11 +122,7 @@ def build_step(
 
     run: StepFn = eager
     if hw.cuda_graph:
-        if device.type != "cuda" or scaler is not None:
-            raise ValueError(
-                "hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 "
-                f"(got device {device}, hardware.precision={hw.precision})"
-            )
+        check_graphable(hw, device)
         run = CudaGraphStep(eager, optimizer, warmup=graph_warmup)
     return TrainingStep(
         model=step_model, loss_fn=loss_fn, amp_dtype=amp_dtype, scaler=scaler,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from zsharp_sweeps.build import build_parts
+from zsharp_sweeps.build import build_parts, check_graphable
 from zsharp_sweeps.checkpoint import Checkpointer, checkpoint_dir_for, prepare_resume
 from zsharp_sweeps.config import (
     ConfigError,
@@ -142,14 +142,7 @@ def run_training(
     train_cfg = cfg if isinstance(cfg, TrainConfig) else validate(cfg)
     torch_device = resolve_device(device or train_cfg.hardware.device)
     device_label = device_label or device or train_cfg.hardware.device
-    if train_cfg.hardware.cuda_graph and (
-        torch_device.type != "cuda" or train_cfg.hardware.precision == "fp16"
-    ):
-        raise ConfigError(
-            f"hardware.cuda_graph=true needs a CUDA device and precision fp32 or bf16 (got "
-            f"device {torch_device}, precision {train_cfg.hardware.precision}): allowed here "
-            "hardware.cuda_graph=false"
-        )
+    check_graphable(train_cfg.hardware, torch_device)
     if train_cfg.data.val_size == 0:
         raise ConfigError(
             "data.val_size=0 leaves no validation split, but the objective and best_val_acc are "

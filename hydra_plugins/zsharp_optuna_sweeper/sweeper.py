@@ -171,13 +171,17 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
 
     def _check_urls(self, storage: str) -> None:
         from zsharp_sweeps.sweep.storage import check_storage_url
-        from zsharp_sweeps.tracking import check_tracking_uri, resolve_tracking_uri
+        from zsharp_sweeps.tracking import (
+            check_tracking_uri,
+            resolve_tracking_uri,
+            tracking_uri_setting,
+        )
 
         try:
             check_storage_url(storage)
             tracking = section(self.config, "tracking")
             if tracking.enabled:
-                check_tracking_uri(resolve_tracking_uri(tracking))
+                check_tracking_uri(resolve_tracking_uri(tracking), tracking_uri_setting(tracking))
         except ConfigError as exc:
             _fail(str(exc))
 
