@@ -232,26 +232,15 @@ class WorkersLauncher(Launcher):
 
     @staticmethod
     def _wait(slots: dict[int, _Slot], returns: dict[int, JobReturn]) -> None:
-        """Collect results until every process has ended (a dead one sends none)."""
+        """Collect each worker's result; a worker that dies closes its result pipe unsent
+        (only it holds the writing end), so every pipe ends in a result or EOF."""
         from multiprocessing.connection import wait
 
-        running = dict(slots)
-        open_results = {slot.results: idx for idx, slot in slots.items()}
-        while running:
-            ready = wait([*open_results, *(s.proc.sentinel for s in running.values())],
-                         timeout=0.5)
-            for conn in [c for c in ready if c in open_results]:
-                try:
-                    idx, ret = cloudpickle.loads(conn.recv_bytes())
-                    returns[idx] = ret
-                except EOFError:  # died before sending
-                    pass
-                open_results.pop(conn)
-            for idx in [i for i, s in running.items() if not s.proc.is_alive()]:
-                slot = running.pop(idx)
-                slot.proc.join()
-                if slot.results in open_results and slot.results.poll():
-                    with contextlib.suppress(EOFError):  # sent just before it ended
-                        _, ret = cloudpickle.loads(slot.results.recv_bytes())
-                        returns[idx] = ret
-                open_results.pop(slot.results, None)
+        pending = {slot.results: idx for idx, slot in slots.items()}
+        while pending:
+            for conn in wait(list(pending)):
+                idx = pending.pop(conn)
+                with contextlib.suppress(EOFError):
+                    _, returns[idx] = cloudpickle.loads(conn.recv_bytes())
+        for slot in slots.values():
+            slot.proc.join()
