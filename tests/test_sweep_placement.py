@@ -63,6 +63,7 @@ def test_a_worker_in_its_own_process_sees_only_its_card(monkeypatch: pytest.Monk
     cuda = FakeCuda(monkeypatch)
     pinned = pin_gpu("cuda:1", "GPU-bbbb", own_process=True)
     assert (pinned.device, pinned.isolated, pinned.note) == ("cuda:0", True, "")
+    assert pinned.uuid == "GPU-bbbb"  # read back from the device it computes on
     assert os.environ[VISIBLE] == "GPU-bbbb"
     assert cuda.device_count() == 1 and cuda.current == 0
 
@@ -73,7 +74,7 @@ def test_cuda_started_early_the_worker_finds_its_card_and_restores_the_variable(
     monkeypatch.setenv(VISIBLE, "GPU-aaaa,GPU-cccc")
     cuda = FakeCuda(monkeypatch, started_with="GPU-aaaa,GPU-cccc")  # read before the worker
     pinned = pin_gpu("cuda:1", "GPU-cccc", own_process=True)
-    assert pinned.device == "cuda:1" and not pinned.isolated
+    assert pinned.device == "cuda:1" and not pinned.isolated and pinned.uuid == "GPU-cccc"
     assert "GPU-cccc" in pinned.note and "cuda:1" in pinned.note
     assert os.environ[VISIBLE] == "GPU-aaaa,GPU-cccc"
     assert cuda.current == 1
@@ -82,7 +83,7 @@ def test_cuda_started_early_the_worker_finds_its_card_and_restores_the_variable(
 def test_the_sweeps_own_process_keeps_every_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = FakeCuda(monkeypatch, initialised=True)
     pinned = pin_gpu("cuda:2", "GPU-cccc", own_process=False)
-    assert (pinned.device, pinned.isolated) == ("cuda:2", False)
+    assert (pinned.device, pinned.isolated, pinned.uuid) == ("cuda:2", False, "GPU-cccc")
     assert VISIBLE not in os.environ and cuda.current == 2
 
 

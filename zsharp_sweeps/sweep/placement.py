@@ -1,14 +1,15 @@
 """Where a sweep worker computes: its own GPU (in a process of its own, the only one it
 sees), or its share of the host's CPU cores.
 
-Why a worker process sees one GPU: a CUDA process that starts with every GPU of the host
-visible initialises driver state for all of them, and on the GPU hosts measured here those
-initialisations queue behind each other across processes, so worker *i* reached its first
-trial about 4-5 s after worker *i-1* (docs/benchmarks.md). Anything that touches the
-"current" device before ``set_device`` also lands on GPU 0 and leaves a context there. So a
-worker that runs in a process of its own sets ``CUDA_VISIBLE_DEVICES`` to its GPU's UUID
-before CUDA starts, computes on ``cuda:0``, and keeps the sweep's name for the GPU
-(``cuda:2``) in its logs, trial attributes and MLflow ``device`` tag.
+Why a worker process sees one GPU: anything that touches the "current" device before
+``set_device`` (a library's first allocation, a stream, a generator) lands on GPU 0 and
+leaves a context there, and a process that starts CUDA with every card visible sets up
+driver state for all of them. So a worker that runs in a process of its own sets
+``CUDA_VISIBLE_DEVICES`` to its GPU's UUID before CUDA starts, computes on ``cuda:0``, and
+keeps the sweep's name for the GPU (``cuda:2``) in its logs, trial attributes and MLflow
+``device`` tag. Measured on 2- and 4-GPU hosts, a worker's device step then takes 0.2-0.8 s
+(docs/benchmarks.md). (The 4-5 s between workers' starts seen before was the launcher's,
+not CUDA's: see ``hydra_plugins/zsharp_workers_launcher``.)
 
 UUIDs, not indices: they name the same card whatever ``CUDA_VISIBLE_DEVICES`` the sweep was
 started with. Whether the restriction took is checked, not assumed: if CUDA was already
@@ -18,12 +19,9 @@ among those it sees, and says so.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 
@@ -45,44 +43,46 @@ def _uuid(props) -> str:
 
 @dataclass(frozen=True)
 class Pinned:
-    """Where a worker computes (``device``, a torch device string) and what it saw."""
+    """Where a worker computes (``device``, a torch device string), the UUID of the card
+    that device is (read back from CUDA, not assumed), and what it saw."""
 
     device: str
+    uuid: str | None  # None: not a GPU
     isolated: bool
     note: str = ""
 
 
 def pin_gpu(label: str, uuid: str | None, *, own_process: bool) -> Pinned:
-    """Make ``label``'s GPU this process's current device; returns the device to compute on.
+    """Make ``label``'s GPU (``cuda:N``) this process's current device; returns the device
+    to compute on.
 
     ``own_process``: the worker is alone in a process started for it (not the sweep's main
     process, whose CUDA may be initialised and whose other users must keep every GPU).
     """
+    if not label.startswith("cuda:"):  # a CPU worker: nothing to pin
+        return Pinned(label, None, isolated=False)
     import torch
 
-    index = int(label[5:]) if label.startswith("cuda:") else None
-    if index is None:
-        return Pinned(label, isolated=False)
+    index, isolated, note = int(label[5:]), False, ""
     if own_process and uuid and not torch.cuda.is_initialized():
         previous = os.environ.get(VISIBLE)
         os.environ[VISIBLE] = uuid
         if _uuid(torch.cuda.get_device_properties(0)) == uuid:
-            torch.cuda.set_device(0)
-            return Pinned("cuda:0", isolated=True)
-        # CUDA read the variable before we set it (something initialised it early): put it
-        # back and find the card among all of them.
-        if previous is None:
-            os.environ.pop(VISIBLE)
+            index, isolated = 0, True
         else:
-            os.environ[VISIBLE] = previous
-        found = next((i for i in range(torch.cuda.device_count())
-                      if _uuid(torch.cuda.get_device_properties(i)) == uuid), index)
-        torch.cuda.set_device(found)
-        return Pinned(f"cuda:{found}", isolated=False,
-                      note=f"CUDA was initialised before the worker could restrict it to "
-                           f"{uuid}: computing on cuda:{found} with every GPU visible")
+            # CUDA read the variable before we set it (something initialised it early): put
+            # it back and find the card among all of them.
+            if previous is None:
+                os.environ.pop(VISIBLE)
+            else:
+                os.environ[VISIBLE] = previous
+            index = next((i for i in range(torch.cuda.device_count())
+                          if _uuid(torch.cuda.get_device_properties(i)) == uuid), index)
+            note = (f"CUDA was initialised before the worker could restrict it to {uuid}: "
+                    f"computing on cuda:{index} with every GPU visible")
     torch.cuda.set_device(index)
-    return Pinned(label, isolated=False)
+    return Pinned(f"cuda:{index}", _uuid(torch.cuda.get_device_properties(index)), isolated,
+                  note)
 
 
 def share_cores(host_workers: int) -> tuple[int, int]:

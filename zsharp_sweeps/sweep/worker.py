@@ -196,6 +196,7 @@ class Worker:
         self._started = time.time()
         self.device = self.plan.device_for(self.index)  # the sweep's name: logs, tags
         self.compute_device = self.device  # what torch runs on (cuda:0 once isolated)
+        self.gpu: str | None = None  # the UUID of the card it runs on, read back from CUDA
         self.study = optuna.load_study(
             study_name=self.plan.study_name,
             storage=open_storage(self.plan.storage,
@@ -294,11 +295,11 @@ class Worker:
                     "process (a Hydra callback or plugin touched torch.cuda before the "
                     "workers started): rerun with hydra.launcher.start_method=spawn"
                 ) from exc
-            self.compute_device = pinned.device
+            self.compute_device, self.gpu = pinned.device, pinned.uuid
             if pinned.note:
                 log.warning(f"Worker {self.label}: {pinned.note}")
             if pinned.isolated:
-                notes.append(f"{self.plan.device_uuids[self.device]} only")
+                notes.append(f"{pinned.uuid} only")
         if self.plan.host_workers > 1:
             from zsharp_sweeps.sweep.placement import share_cores
 
@@ -347,7 +348,7 @@ class Worker:
         trial.set_user_attr("worker", {"host": self.host, "pid": os.getpid(),
                                        "index": self.index, "device": self.device,
                                        "compute_device": self.compute_device,
-                                       "gpu": self.plan.device_uuids.get(self.device)})
+                                       "gpu": self.gpu})
         trial.set_user_attr(INTERRUPTED_ATTR, False)  # a retry copies its original's attrs
         try:
             return self._run(trial, started)

@@ -25,7 +25,7 @@ def test_two_workers_on_two_gpus_run_more_trials_than_workers(tmp_path: Path) ->
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
     devices = {t.user_attrs["worker"]["device"] for t in trials}
     assert devices == {"cuda:0", "cuda:1"}
-    for trial in trials:  # alone with its card: computes on cuda:0, which is the right card
+    for trial in trials:  # alone with its card: computes on cuda:0, read back as the right card
         worker = trial.user_attrs["worker"]
         uuid = str(torch.cuda.get_device_properties(int(worker["device"][5:])).uuid)
         assert worker["gpu"].removeprefix("GPU-") == uuid.removeprefix("GPU-"), worker
