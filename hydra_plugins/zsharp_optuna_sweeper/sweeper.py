@@ -317,24 +317,22 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         self._check_configs(space, fixed)
         # The launcher's worker processes start now (zsharp_workers: imports take seconds),
         # while the study and the MLflow parent run are set up; they get the plan at launch.
-        launcher, job = self.launcher, self.job
-        prestart = getattr(launcher, "prestart", None)
+        prestart = getattr(self.launcher, "prestart", None)
         if prestart is not None and self.n_jobs > 1:
             prestart(self.n_jobs, preload=WORKER_MODULES)
         try:
-            self._sweep(storage, space, fixed, grid, launcher, job)
+            self._sweep(storage, space, fixed, grid)
         except KeyboardInterrupt:  # Ctrl-C before the workers started, or a second one
             # Everything is recorded (the parent run, if any, ended KILLED): one line, no
             # traceback, the shell's exit status for SIGINT.
             print("Sweep interrupted: rerun the same command to resume", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
         finally:
-            discard = getattr(launcher, "discard", None)
+            discard = getattr(self.launcher, "discard", None)
             if discard is not None:
                 discard()
 
-    def _sweep(self, storage: str, space: dict, fixed: list[str], grid: dict | None,
-               launcher: Any, job: WorkerJob) -> None:
+    def _sweep(self, storage: str, space: dict, fixed: list[str], grid: dict | None) -> None:
         if sqlite_path(storage) is not None:
             sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
 
@@ -372,9 +370,10 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                 parent_run_id=parent_run_id, heartbeat_interval=self.heartbeat_interval,
                 grace_period=self.grace_period, max_retry=self.max_retry,
                 custom_search_space_extender=self.custom_search_space_extender,
+                host_workers=max(1, self.n_jobs),
             )
             with stop.installed():
-                returns = self._launch(plan, launcher, job)
+                returns = self._launch(plan)
             error = self._worker_error(returns, study)
             # A worker in this process (n_jobs=1) receives the signal itself.
             stopped = [r.return_value["stopped"] for r in returns
@@ -414,11 +413,10 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             )
         return None
 
-    def _launch(self, plan: SweepPlan, launcher: Any, job: WorkerJob) -> list:
+    def _launch(self, plan: SweepPlan) -> list:
         """Start this host's workers through the configured launcher and wait for them."""
-        n_workers = max(1, self.n_jobs)
-        plan = job.plan = dataclasses.replace(plan, launched_at=time.time(),
-                                              host_workers=n_workers)
+        n_workers = plan.host_workers
+        plan = self.job.plan = dataclasses.replace(plan, launched_at=time.time())
         host = socket.gethostname()
         jobs = [
             [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{os.getpid()}-{i}"]
@@ -437,7 +435,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         for lg in launcher_logs:
             lg.setLevel(logging.WARNING)
         try:
-            return list(launcher.launch(jobs, initial_job_idx=0))
+            return list(self.launcher.launch(jobs, initial_job_idx=0))
         finally:
             for lg, level in zip(launcher_logs, levels):
                 lg.setLevel(level)
