@@ -296,6 +296,9 @@ class TrackingConfig:
     experiment: str = "zsharp-sweeps"
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    # Nest this run (a sweep: its parent run) under an existing MLflow run: how a verdict
+    # keeps its stages' sweeps under one benchmark run. None: a top-level run.
+    parent_run_id: str | None = None
 
 
 PRUNERS = ("none", "median", "successive_halving", "hyperband")

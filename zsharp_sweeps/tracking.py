@@ -311,9 +311,13 @@ class Tracker:
 
     # A sweep's parent run spans the whole sweep (and its resumes), not one ``with`` block.
     def start(self, run_name: str, tags: Mapping[str, str]) -> str:
-        """Create a run that ``end`` closes; returns its id."""
+        """Create a run that ``end`` closes; returns its id. ``tracking.parent_run_id``
+        nests it (a verdict's stage sweeps under the verdict's run)."""
+        all_tags = {**tags, **self.cfg.tags}
+        if self.cfg.parent_run_id:
+            all_tags["mlflow.parentRunId"] = self.cfg.parent_run_id
         run = _retry(self._client.create_run, self.experiment_id, run_name=run_name,
-                     tags={**tags, **self.cfg.tags})
+                     tags=all_tags)
         self.run_id = run.info.run_id
         return self.run_id
 

@@ -195,6 +195,7 @@ def _run_training(
         # A sweep's retried trial: the killed attempt's run stays KILLED, this one links it.
         tags["resumed_from"] = resume_run_id
         resume_run_id = None
+    parent_run_id = parent_run_id or train_cfg.tracking.parent_run_id
     with tracker.run(run_name=run_name, tags=tags, parent_run_id=parent_run_id,
                      resume_run_id=resume_run_id):
         # Resumed into its own run: params and config are there already (and params cannot
@@ -264,6 +265,8 @@ def _run_training(
             figure = plot_curves(result.history, title=run_name)
             tracker.log_figure(figure, "curves.png")
         summary["run_id"] = tracker.run_id  # type: ignore[assignment]
+        # Every epoch, resumed ones included: what a sweep trial records for its analysis.
+        summary["history"] = result.history  # type: ignore[assignment]
         if checkpointer is not None:
             checkpointer.finish(result.history)  # trainer.keep_checkpoints
     log.info(
@@ -317,7 +320,8 @@ def run_experiment(
         **tags, **identity_tags(cfg), "n_seeds": str(study.n_seeds),
     }
     group_name = name if context else f"{name}-x{study.n_seeds}seeds"
-    with tracker.run(run_name=group_name, tags=group_tags, parent_run_id=parent_run_id):
+    with tracker.run(run_name=group_name, tags=group_tags,
+                     parent_run_id=parent_run_id or cfg.tracking.parent_run_id):
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         tracker.log_params(flatten(resolved))
         histories: list[list[dict[str, float]]] = []
@@ -343,7 +347,7 @@ def run_experiment(
             )
         summary: dict[str, float] = {}
         for key in summaries[0]:
-            if key == "run_id":
+            if key in ("run_id", "history"):
                 continue
             mean, std = _mean_std([s[key] for s in summaries])
             summary[key], summary[f"{key}_std"] = mean, std

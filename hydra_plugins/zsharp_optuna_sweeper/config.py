@@ -26,6 +26,9 @@ class ZSharpOptunaSweeperConf(OptunaSweeperConf):
     # Devices the workers are spread over (worker i on devices[(i // trials_per_gpu) % n]);
     # null: every visible GPU, else hardware.device. Labels like cpu:0, cpu:1 tag CPU workers.
     devices: list[str] | None = None
+    # Write the end-of-sweep report (report/ in the sweep dir, and the parent run's
+    # artifacts). A verdict's stages turn it off: the verdict writes its own analysis.
+    report: bool = True
 
 
 ConfigStore.instance().store(

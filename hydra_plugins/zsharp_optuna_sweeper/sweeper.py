@@ -89,8 +89,10 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
 
     def __init__(self, *args: Any, sampler_conf: Any = None, heartbeat_interval: int = 10,
                  grace_period: int | None = None, max_retry: int = 3,
-                 devices: list[str] | None = None, **kwargs: Any) -> None:
+                 devices: list[str] | None = None, report: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.report = report
         self.sampler_conf = sampler_conf
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period or 3 * heartbeat_interval
@@ -385,7 +387,8 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             status = "KILLED"
             raise
         finally:
-            report = self._write_report(study, tracker) if status == "FINISHED" else []
+            report = (self._write_report(study, tracker)
+                      if status == "FINISHED" and self.report else [])
             self._finish_parent(tracker, study, status, report)
             self._save_results(study)
             self._summary(study, tracker, sweep_dir, status)
@@ -480,14 +483,15 @@ class ZSharpOptunaSweeper(OptunaSweeper):
     """``hydra/sweeper=zsharp_optuna``: the stock plugin with ``ZSharpOptunaSweeperImpl``."""
 
     def __init__(self, *, heartbeat_interval: int = 10, grace_period: int | None = None,
-                 max_retry: int = 3, devices: list[str] | None = None, **kwargs: Any) -> None:
+                 max_retry: int = 3, devices: list[str] | None = None, report: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         stock = self.sweeper
         self.sweeper = ZSharpOptunaSweeperImpl(
             stock.sampler, stock.direction, stock.storage, stock.study_name, stock.n_trials,
             stock.n_jobs, stock.max_failure_rate, None, stock.params,
             sampler_conf=kwargs.get("sampler"), heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period, max_retry=max_retry, devices=devices,
+            grace_period=grace_period, max_retry=max_retry, devices=devices, report=report,
         )
         self.sweeper.custom_search_space_extender = stock.custom_search_space_extender
 

@@ -150,3 +150,14 @@ def override_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def parse_search_space(lines: list[str]) -> dict[str, BaseDistribution]:
+    """Optuna distributions of sweep overrides in Hydra's Optuna-sweeper syntax
+    (``optimizer.lr=tag(log, interval(0.01, 0.5))``, ``seed=range(0, 3)``); fixed values
+    (``a=1``) are left out. The stock plugin's parser is used so that a space means here
+    exactly what it means to ``hydra/sweeper=optuna``."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    space, _fixed, _ = create_params_from_overrides(list(lines))
+    return dict(space)

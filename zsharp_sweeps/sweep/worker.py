@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -165,6 +166,25 @@ def trial_run_name(number: int, params: dict[str, Any]) -> str:
         short = name.lstrip("+~").rsplit(".", 1)[-1]
         parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
     return " ".join(parts)[:250]
+
+
+#: Per-epoch metrics a trial keeps in its ``curves`` attribute (the verdict's curves).
+CURVE_METRICS = ("val_acc", "val_loss", "test_acc", "train_loss", "epoch_wall_s")
+
+
+def record_results(trial: optuna.Trial, summary: dict[str, Any]) -> None:
+    """The trial's results in the study itself (``metrics``: the finite summary numbers,
+    test accuracy and sharpness included; ``curves``: per-epoch metrics), so an analysis
+    reads one storage, with or without MLflow, on any host."""
+    metrics = {k: float(v) for k, v in summary.items()
+               if isinstance(v, (int, float)) and math.isfinite(float(v))}
+    trial.set_user_attr("metrics", metrics)
+    history = summary.get("history") or []
+    curves = {name: [float(row[name]) if math.isfinite(row.get(name, math.nan)) else None
+                     for row in history]
+              for name in CURVE_METRICS if any(name in row for row in history)}
+    if curves:
+        trial.set_user_attr("curves", curves)
 
 
 @contextlib.contextmanager
@@ -406,6 +426,7 @@ class Worker:
                 raise
             try:
                 summary = run_experiment(train_cfg, overrides=overrides, context=context)
+                record_results(trial, summary)
             finally:
                 wall = time.perf_counter() - started
                 self.trials_run += 1
