@@ -8,11 +8,17 @@ ARGS ?=
 # Test processes (pytest-xdist); each uses one torch thread (tests/conftest.py). 0 = no xdist.
 TEST_WORKERS ?= 2
 TEST_XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)
+# Real Fashion-MNIST offline: Debian's package puts the original idx files flat here.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+FASHION_MNIST_FILES := $(foreach s,train t10k,$(foreach k,images-idx3 labels-idx1,$(FASHION_MNIST)/$(s)-$(k)-ubyte.gz))
+APT_INSTALL = $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends dataset-fashion-mnist
+APT_UPDATE = $(if $(filter 0,$(shell id -u)),,sudo) apt-get update
 
-.PHONY: help install test test-fast lint format train demo sweep ui bench clean
+.PHONY: help install data test test-fast lint format train demo sweep ui bench clean
 
 help:
 	@echo "make install  - create $(VENV) with torch, Hydra, Optuna, MLflow and dev tools"
+	@echo "make data     - real Fashion-MNIST in $(FASHION_MNIST) (apt-get install dataset-fashion-mnist)"
 	@echo "make demo     - ZSharp + ResNet-20 on the embedded digits dataset, 3 epochs on the CPU"
 	@echo "make train    - python -m zsharp_sweeps.train \$$ARGS (defaults: CIFAR-10, ResNet-20, ZSharp)"
 	@echo "make sweep    - Optuna sweep over rho, Q_p, lr on digits (ARGS to override)"
@@ -28,6 +34,16 @@ install:
 	# torch and torchvision first, as the matching pair (torchvision needs the CUDA build).
 	$(PY) -m pip install "torch==2.14.*" "torchvision==0.29.*"
 	$(PY) -m pip install -e ".[dev]" --config-settings editable_mode=compat
+
+data:
+	@if ls $(FASHION_MNIST_FILES) >/dev/null 2>&1; then \
+		echo "Fashion-MNIST is in $(FASHION_MNIST): data=fashion_mnist data.root=$(FASHION_MNIST)"; \
+	elif ! command -v apt-get >/dev/null; then \
+		echo "make data needs apt-get (Debian, Ubuntu); elsewhere see README, Real data offline" >&2; \
+		exit 1; \
+	else \
+		$(APT_INSTALL) || { $(APT_UPDATE) && $(APT_INSTALL); }; \
+	fi
 
 test:
 	$(PY) -m pytest -q $(TEST_XDIST) --durations=10

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from zsharp_sweeps.data.augment import mix_seed
-from zsharp_sweeps.data.specs import DatasetSpec, get_spec
+from zsharp_sweeps.data.specs import SPECS, DatasetSpec, get_spec
 
 __all__ = [
     "DataFileError", "DatasetUnavailableError", "RawData", "check_split", "ensure_files",
@@ -325,20 +325,80 @@ def _svhn_download(root: Path) -> None:
     _torchvision("SVHN", split="test")(root)
 
 
-def _mnist_like(folder: str, torchvision_cls: str) -> FileDataset:
+#: Debian's package of Fashion-MNIST and where it puts the original idx files, flat.
+DEBIAN_FASHION_MNIST = ("dataset-fashion-mnist", Path("/usr/share/datasets/fashion-mnist"))
+
+
+#: How far the mean training pixel (0..1) of flat idx files may be from the spec's before they
+#: are refused as another dataset's: MNIST's is 0.1307, Fashion-MNIST's 0.2860.
+FLAT_MEAN_TOLERANCE = 0.05
+
+
+def _check_flat_mean(train_x: Tensor, spec: DatasetSpec, path: Path) -> None:
+    """Refuse flat files whose pixels are not ``spec``'s dataset: MNIST and Fashion-MNIST
+    files have the same names, and ``data=mnist`` pointed at Debian's Fashion-MNIST folder
+    would otherwise train on garments and report it as MNIST."""
+    mean = float(train_x.numpy().sum(dtype=np.int64)) / train_x.numel() / 255
+    if abs(mean - spec.mean[0]) > FLAT_MEAN_TOLERANCE:
+        others = [s.name for s in SPECS.values() if s is not spec and s.in_channels == 1
+                  and s.scale == 255 and abs(mean - s.mean[0]) <= FLAT_MEAN_TOLERANCE]
+        like = f" like {' or '.join(others)}'s" if others else ""
+        use = f"Use data={others[0]}, or point" if len(others) == 1 else "Point"
+        raise DataFileError(
+            f"{path}: mean pixel {mean:.4f}, but {spec.name}'s is {spec.mean[0]:.4f}: these "
+            f"flat files look{like or ' like another dataset'}. {use} data.root at "
+            f"{spec.name}'s files, or put them in torchvision's layout (whose folder names "
+            "the dataset)."
+        )
+
+
+def _mnist_like(
+    folder: str, torchvision_cls: str, debian: tuple[str, Path] | None = None
+) -> FileDataset:
+    """MNIST-format idx files in either of two layouts under ``data.root``.
+
+    * torchvision's: ``<root>/<folder>/raw/*-ubyte`` (what ``data.download=true`` fetches);
+    * flat: ``<root>/*-ubyte``, as the upstream archives and Debian's ``dataset-fashion-mnist``
+      (``/usr/share/datasets/fashion-mnist``) ship them.
+
+    Each file may be gzipped or not. The torchvision layout wins when both are complete: its
+    folder names the dataset (MNIST and Fashion-MNIST files carry identical names, so flat
+    files say nothing about which one they are) and it is the copy a download checksummed.
+    When neither is complete, the torchvision paths are the missing ones and where a download
+    goes; a root whose flat files are all there is only read, never written to (Debian's is
+    a system folder, read-only to users).
+    """
+
+    def in_layout(where: Path) -> list[Path]:
+        return [_mnist_file(where, f) for f in _MNIST_FILES]
+
     def files(root: Path) -> list[Path]:
-        return [_mnist_file(root / folder / "raw", f) for f in _MNIST_FILES]
+        torchvision_paths, flat_paths = in_layout(root / folder / "raw"), in_layout(root)
+        if not all(p.exists() for p in torchvision_paths) and all(p.exists() for p in flat_paths):
+            return flat_paths
+        return torchvision_paths
 
     def read(paths: list[Path], root: Path, spec: DatasetSpec) -> RawData:
-        return RawData(*_read_idx_pair(paths[0], paths[1], spec),
-                       *_read_idx_pair(paths[2], paths[3], spec))
+        raw = RawData(*_read_idx_pair(paths[0], paths[1], spec),
+                      *_read_idx_pair(paths[2], paths[3], spec))
+        if paths[0].parent == root:  # flat: the names do not say which dataset these are
+            _check_flat_mean(raw.train_x, spec, paths[0])
+        return raw
 
     def place(root: Path, spec: DatasetSpec, download: bool) -> str:
         base_url = spec.url.rsplit("/", 1)[0] + "/"
-        return (
+        text = (
             f"Download {', '.join(f + '.gz' for f in _MNIST_FILES)} from {base_url} and put "
-            f"them (gzipped or not) in {root / folder / 'raw'}/."
+            f"them (gzipped or not) in {root / folder / 'raw'}/ (torchvision's layout) or "
+            f"directly in {root}/ (flat)."
         )
+        if debian is not None:
+            package, where = debian
+            text += (
+                f" On Debian or Ubuntu, `apt-get install {package}` (or `make data`) puts them "
+                f"flat in {where}: set data.root={where}."
+            )
+        return text
 
     return FileDataset(files, read, _torchvision(torchvision_cls, train=True), place)
 
@@ -364,7 +424,7 @@ FILE_DATASETS: dict[str, FileDataset] = {
         ),
     ),
     "mnist": _mnist_like("MNIST", "MNIST"),
-    "fashion_mnist": _mnist_like("FashionMNIST", "FashionMNIST"),
+    "fashion_mnist": _mnist_like("FashionMNIST", "FashionMNIST", DEBIAN_FASHION_MNIST),
     "tiny_imagenet": FileDataset(
         files=lambda root: [root / "tiny-imagenet-200" / p for p in
                             ("wnids.txt", "train", "val/val_annotations.txt", "val/images")],
