@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from zsharp_sweeps.build import build_parts, build_step
+from zsharp_sweeps.training.build import build_parts, build_step
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
@@ -25,7 +25,7 @@ from zsharp_sweeps.config import (
     TrainConfig,
     TrainerConfig,
 )
-from zsharp_sweeps.engine import fit
+from zsharp_sweeps.training.engine import fit
 from zsharp_sweeps.tables import format_table
 
 

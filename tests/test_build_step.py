@@ -1,4 +1,4 @@
-"""One training step for trainer and benchmark: ``zsharp_sweeps.build.build_step``.
+"""One training step for trainer and benchmark: ``zsharp_sweeps.training.build.build_step``.
 
 The step a config describes (label smoothing, gradient clipping, BatchNorm in SAM's second
 pass) is written out by hand here once, as the reference; the trainer's ``fit`` and the
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsharp_sweeps.bench import BenchSettings, _make_runner, bench_config
-from zsharp_sweeps.build import build_parts, build_step
+from zsharp_sweeps.training.build import build_parts, build_step
 from zsharp_sweeps.config import TrainConfig
-from zsharp_sweeps.engine import fit
+from zsharp_sweeps.training.engine import fit
 from zsharp_sweeps.optim import train_step
 
 CPU = torch.device("cpu")

@@ -16,8 +16,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from zsharp_sweeps.build import build_parts
-from zsharp_sweeps.checkpoint import (
+from zsharp_sweeps.training.build import build_parts
+from zsharp_sweeps.training.checkpoint import (
     Checkpointer,
     TrainingState,
     checkpoint_dir_for,
@@ -31,8 +31,8 @@ from zsharp_sweeps.checkpoint import (
     snapshot,
 )
 from zsharp_sweeps.config import ConfigError, TrainerConfig, validate
-from zsharp_sweeps.engine import fit
-from zsharp_sweeps.schedule import build_scheduler
+from zsharp_sweeps.training.engine import fit
+from zsharp_sweeps.training.schedule import build_scheduler
 from zsharp_sweeps.train import _sharpness_fn, run_training, seed_everything
 
 from .conftest import REPO
@@ -281,7 +281,7 @@ def _mlflow_epochs(client: MlflowClient, run_id: str, key: str) -> list[tuple[in
 # the kill lands there and not a little later (epoch 3 would otherwise race the signal).
 _PAUSING_ENTRY = """
 import sys, time
-import zsharp_sweeps.checkpoint as ck
+import zsharp_sweeps.training.checkpoint as ck
 _save = ck.Checkpointer.save
 def save(self, epoch, state):
     path = _save(self, epoch, state)

@@ -261,17 +261,17 @@ def test_progress_off_a_terminal_is_one_log_line_per_epoch(
 
     cfg = make_cfg(["model=mlp", "model.params.hidden=16", "trainer.progress=true",
                     "trainer.max_steps_per_epoch=2", "sharpness=none", "tracking=off"])
-    caplog.set_level("INFO", logger="zsharp_sweeps.engine")
+    caplog.set_level("INFO", logger="zsharp_sweeps.training.engine")
     run_training(cfg)
     err = capsys.readouterr().err
     assert "\r" not in err and "\x1b[" not in err and "it/s" not in err
-    lines = [r.getMessage() for r in caplog.records if r.name == "zsharp_sweeps.engine"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "zsharp_sweeps.training.engine"]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("train_loss=" in line and "val_acc=" in line for line in lines)
 
 
 def test_progress_bars_only_on_a_terminal() -> None:
-    from zsharp_sweeps.console import show_progress_bars
+    from zsharp_sweeps.training.console import show_progress_bars
 
     class Stream:
         def __init__(self, tty: bool) -> None:
@@ -360,7 +360,7 @@ def test_a_run_that_learns_is_not_flagged(make_cfg, caplog: pytest.LogCaptureFix
 
 
 def test_learning_verdicts() -> None:
-    from zsharp_sweeps.health import chance_band, learning_problem
+    from zsharp_sweeps.training.health import chance_band, learning_problem
 
     assert chance_band(10, 200) == pytest.approx(0.1 + 3 * (0.09 / 200) ** 0.5)
     at_chance = [{"train_loss": 2.30, "val_acc": 0.11}, {"train_loss": 2.30, "val_acc": 0.12}]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from zsharp_sweeps.config import TrainerConfig
-from zsharp_sweeps.schedule import build_scheduler, lr_factor
+from zsharp_sweeps.training.schedule import build_scheduler, lr_factor
 
 # conf/experiment/paper.yaml: 5 linear warm-up epochs, then StepLR(30, 0.75), 200 epochs.
 PAPER = TrainerConfig(epochs=200, scheduler="step", warmup_epochs=5, step_size=30, gamma=0.75)

@@ -19,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps.config import TrackingConfig
-from zsharp_sweeps.signals import Terminated, exit_code, sigterm_as_interrupt
+from zsharp_sweeps.training.signals import Terminated, exit_code, sigterm_as_interrupt
 from zsharp_sweeps.tracking import Tracker
 
 from .conftest import REPO

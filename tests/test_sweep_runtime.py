@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from zsharp_sweeps.config import StudyConfig
-from zsharp_sweeps.signals import Terminated, check_stop, graceful_stop, stop_pending
+from zsharp_sweeps.training.signals import Terminated, check_stop, graceful_stop, stop_pending
 from zsharp_sweeps.sweep import build_pruner
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.progress import (
@@ -172,7 +172,7 @@ def test_graceful_stop_waits_for_a_safe_point_and_a_second_signal_stops_at_once(
 def test_watchdog_turns_the_stop_file_into_sigterm(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
-        "from zsharp_sweeps.signals import Terminated, sigterm_as_interrupt\n"
+        "from zsharp_sweeps.training.signals import Terminated, sigterm_as_interrupt\n"
         "from zsharp_sweeps.sweep.lifecycle import watchdog\n"
         f"with sigterm_as_interrupt(), watchdog({str(tmp_path / 'stop')!r}, main_pid=-1):\n"
         "    print('ready', flush=True)\n"
@@ -275,7 +275,7 @@ def test_interrupted_trials_log_no_optuna_traceback() -> None:
     import io
     import logging
 
-    from zsharp_sweeps.signals import Terminated
+    from zsharp_sweeps.training.signals import Terminated
     from zsharp_sweeps.sweep.quiet import quiet_interrupted_trials
 
     optuna.logging.enable_default_handler()

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps import train
 from zsharp_sweeps.config import OPTIMIZERS
-from zsharp_sweeps.engine import NonFiniteLossError
+from zsharp_sweeps.training.engine import NonFiniteLossError
 from zsharp_sweeps.train import run_training
 
 from .conftest import REPO

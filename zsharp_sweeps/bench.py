@@ -13,7 +13,7 @@ pays. Prints a table and writes JSON. Modes:
 - ``--threshold``: what ZSharp's exact threshold costs on one 4096x4200 gradient (17.2M
   entries, past ``torch.quantile``'s 2^24 limit), per method.
 
-The step is built by :func:`zsharp_sweeps.build.build_step`, like the trainer's:
+The step is built by :func:`zsharp_sweeps.training.build.build_step`, like the trainer's:
 ``--label-smoothing``, ``--grad-clip`` and ``--bn-second-pass`` are the trainer's settings.
 
 Example (H100): ``python -m zsharp_sweeps.bench --device cuda --model resnet56
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zsharp_sweeps.build import TrainingStep, build_parts, build_step
+from zsharp_sweeps.training.build import TrainingStep, build_parts, build_step
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,

@@ -243,7 +243,7 @@ class Tracker:
 
         The tag ``run_state`` says COMPLETE, FAILED, KILLED or, for an exception class that
         defines ``run_state``/``mlflow_status`` (a pruned trial), PRUNED with status KILLED.
-        SIGTERM reaches here as ``zsharp_sweeps.signals.Terminated`` (a KeyboardInterrupt)
+        SIGTERM reaches here as ``zsharp_sweeps.training.signals.Terminated`` (a KeyboardInterrupt)
         inside ``graceful_stop()`` or ``sigterm_as_interrupt()``; the tag ``killed_by`` names
         the signal. What was logged before stays (every log call is written through at once). The exception is
         re-raised.
@@ -255,7 +255,7 @@ class Tracker:
         all_tags.update(self.cfg.tags)
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        # A resumed training (zsharp_sweeps.checkpoint) continues in the run it started in;
+        # A resumed training (zsharp_sweeps.training.checkpoint) continues in the run it started in;
         # if the store no longer has that run, a new one says where it came from.
         run = self._reopen(resume_run_id, all_tags) if resume_run_id else None
         if run is None:

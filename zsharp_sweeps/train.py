@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from zsharp_sweeps.build import build_parts, check_graphable
-from zsharp_sweeps.checkpoint import Checkpointer, checkpoint_dir_for, prepare_resume
+from zsharp_sweeps.training.build import build_parts, check_graphable
+from zsharp_sweeps.training.checkpoint import Checkpointer, checkpoint_dir_for, prepare_resume
 from zsharp_sweeps.config import (
     ConfigError,
     TrainConfig,
@@ -32,12 +32,12 @@ from zsharp_sweeps.config import (
     validate,
 )
 from zsharp_sweeps.data import DatasetUnavailableError, ensure_available
-from zsharp_sweeps.engine import EpochCallback, fit
-from zsharp_sweeps.health import learning_problem
+from zsharp_sweeps.training.engine import EpochCallback, fit
+from zsharp_sweeps.training.health import learning_problem
 from zsharp_sweeps.metrics.sharpness import compute_sharpness
 from zsharp_sweeps.plots import plot_curves
-from zsharp_sweeps.signals import exit_code, graceful_stop
-from zsharp_sweeps.sweep.context import DataCache, TrialContext
+from zsharp_sweeps.training.signals import exit_code, graceful_stop
+from zsharp_sweeps.training.context import DataCache, TrialContext
 from zsharp_sweeps.sweep.trial import TrialReporter
 from zsharp_sweeps.tracking import Tracker, flatten, git_commit, overrides_as_params
 
@@ -405,7 +405,7 @@ def main(cfg: DictConfig) -> float | tuple[float, ...]:
     """
     try:
         # Acted on between training steps, so no MLflow write is cut in half (a second
-        # signal stops at once): see zsharp_sweeps.signals.graceful_stop.
+        # signal stops at once): see zsharp_sweeps.training.signals.graceful_stop.
         with graceful_stop():
             train_cfg = validate(cfg)
             summary = run_experiment(train_cfg, overrides=_task_overrides())

@@ -5,7 +5,7 @@ COMPLETE runs that nobody tells Optuna about. Each worker therefore runs a watch
 that turns "my parent process is gone" or "the sweep asked me to stop" (a stop file the
 main process writes on SIGINT/SIGTERM, which works across hosts on a shared file system
 too) into a SIGTERM to itself. The worker acts on it at its next safe point (between training
-steps, ``zsharp_sweeps.signals.graceful_stop``), so the running trial ends the normal way:
+steps, ``zsharp_sweeps.training.signals.graceful_stop``), so the running trial ends the normal way:
 Optuna records it FAIL and enqueues a retry, MLflow records the run KILLED.
 """
 
@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from zsharp_sweeps.signals import stop_pending
+from zsharp_sweeps.training.signals import stop_pending
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from zsharp_sweeps.config import ConfigError, StudyConfig, section
-from zsharp_sweeps.signals import check_stop
-from zsharp_sweeps.sweep.context import DataCache, TrialContext
+from zsharp_sweeps.training.signals import check_stop
+from zsharp_sweeps.training.context import DataCache, TrialContext
 from zsharp_sweeps.sweep.lifecycle import watchdog
 from zsharp_sweeps.sweep.progress import (
     INTERRUPTED_ATTR,
@@ -440,7 +440,7 @@ class Worker:
         parameters), unless the sweep's settings changed since (then: from epoch 1)."""
         from hydra import compose
 
-        from zsharp_sweeps.checkpoint import prepare_resume
+        from zsharp_sweeps.training.checkpoint import prepare_resume
         from zsharp_sweeps.config import validate
 
         previous = Path(self.plan.sweep_dir) / str(retry_of) / "checkpoints"
@@ -487,7 +487,7 @@ def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
     """The launcher's job function: one worker, for as long as the study has trials."""
     from hydra.core.hydra_config import HydraConfig
 
-    from zsharp_sweeps.signals import graceful_stop
+    from zsharp_sweeps.training.signals import graceful_stop
 
     try:
         index = int(HydraConfig.get().job.num)

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from zsharp_sweeps.config import ConfigError, register_configs, section
-from zsharp_sweeps.signals import exit_code, graceful_stop
+from zsharp_sweeps.training.signals import exit_code, graceful_stop
 from zsharp_sweeps.verdict.settings import load_settings, register_verdict_schema
 
 register_configs()

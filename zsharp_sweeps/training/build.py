@@ -1,7 +1,7 @@
 """Data, model, optimizer and the training step from one config: the single place they are
 assembled.
 
-Why one place: the trainer (:func:`zsharp_sweeps.engine.fit`), the benchmark
+Why one place: the trainer (:func:`zsharp_sweeps.training.engine.fit`), the benchmark
 (``python -m zsharp_sweeps.bench``) and the fast-path check (``scripts/check_fast_path.py``)
 must run exactly the same thing (channels-last weights, a capturable optimizer under a CUDA
 graph, label smoothing, gradient clipping, BatchNorm in the second SAM pass), or their

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from zsharp_sweeps.build import AMP_DTYPES, build_step, to_memory_format
-from zsharp_sweeps.checkpoint import Checkpointer, TrainingState, restore
+from zsharp_sweeps.training.build import AMP_DTYPES, build_step, to_memory_format
+from zsharp_sweeps.training.checkpoint import Checkpointer, TrainingState, restore
 from zsharp_sweeps.config import TrainConfig
-from zsharp_sweeps.console import epoch_line, show_progress_bars
-from zsharp_sweeps.schedule import build_scheduler
-from zsharp_sweeps.signals import check_stop
+from zsharp_sweeps.training.console import epoch_line, show_progress_bars
+from zsharp_sweeps.training.schedule import build_scheduler
+from zsharp_sweeps.training.signals import check_stop
 
 __all__ = ["AMP_DTYPES", "EpochCallback", "FitResult", "NonFiniteLossError", "evaluate", "fit"]
 
@@ -98,7 +98,7 @@ def fit(
     """
     tcfg, hw = cfg.trainer, cfg.hardware
     device = next(model.parameters()).device
-    run_step = build_step(cfg, model, optimizer)  # the one step builder (zsharp_sweeps.build)
+    run_step = build_step(cfg, model, optimizer)  # the one step builder (zsharp_sweeps.training.build)
     step_model, amp_dtype = run_step.model, run_step.amp_dtype
     scheduler = build_scheduler(optimizer, tcfg)
 
