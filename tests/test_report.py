@@ -138,9 +138,13 @@ def test_pruned_and_failed_trials_show_with_their_state_excluded_ones_do_not(swe
     assert list(trials["state"]) == ["COMPLETE"] * 6 + ["PRUNED", "FAIL"]
     pruned = trials.iloc[6]
     assert (pruned["epochs"], pruned["last_reported"]) == (1, pytest.approx(0.1))
+    # seed is swept: a replicate, so the best settings are configurations over their seeds,
+    # never one seed's run
     best = pd.read_csv(sweep["root"] / "report" / "best_settings.csv")
-    assert list(best["trial"]) == [1, 0, 5, 4, 3, 2]
-    assert list(best["objective"]) == pytest.approx([0.86, 0.82, 0.81, 0.80, 0.69, 0.61])
+    assert "seed" not in best.columns and "trial" not in best.columns
+    assert list(best["optimizer"]) == ["zsharp", "sam", "zsharp"]
+    assert list(best["objective_mean"]) == pytest.approx([0.84, 0.805, 0.65])
+    assert list(best["n_seeds"]) == [2, 2, 2]
     assert "2 not counted (retried, surplus or waiting)" in (
         sweep["root"] / "report" / "summary.txt").read_text()
 
@@ -175,6 +179,13 @@ def test_importances_warn_with_few_trials(sweep, figures) -> None:
     assert "WARNING" in title and "6 complete trials" in title
     markdown = (sweep["root"] / "report" / "report.md").read_text()
     assert "> **WARNING: importances from only 6 complete trials" in markdown
+
+
+def test_a_seed_is_never_ranked_or_sliced_as_a_hyperparameter(figures) -> None:
+    figures["importances"].canvas.draw()
+    ranked = {t.get_text() for t in figures["importances"].axes[0].get_yticklabels()}
+    assert "seed" not in ranked and RHO in ranked
+    assert "seed" not in {ax.get_xlabel() for ax in figures["slice"].axes}
 
 
 def test_val_curves_one_legend_entry_per_trial_and_integer_epochs() -> None:

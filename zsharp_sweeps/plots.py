@@ -243,19 +243,22 @@ def sweep_figures(study: optuna.Study, names: list[str]) -> tuple[dict[str, Figu
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         return figures, ["no complete trial: no plot of the objective"]
-    params = list(dict.fromkeys(p for t in complete for p in t.params))
+    # A seed is a replicate, never a hyperparameter: no importance, slice or contour for it
+    # (its "importance" is the noise between runs, and it would rank beside real settings).
+    params = list(dict.fromkeys(p for t in complete for p in t.params if p != "seed"))
     multi = len(study.directions) > 1
     if multi and len(names) in (2, 3):
         figures["pareto"] = pareto_figure(study, names)
     elif multi:
         notes.append(f"no Pareto front: it is drawn for 2 or 3 objectives, not {len(names)}")
-    shaped = _varied(complete, [p for p in params if p != "seed"])
+    shaped = _varied(complete, params)
     for i, name in enumerate(names):
         target: Target = (lambda t, i=i: t.values[i]) if multi else None
         suffix = f"_{_file_name(name)}" if multi else ""
         figures[f"history{suffix}"] = history_figure(study, target, name)
         if not params:
-            notes.append("no parameter was swept: no slice, importance or contour plot")
+            notes.append("no parameter but seed was swept: no slice, importance or contour "
+                         "plot")
             break
         figures[f"slice{suffix}"] = slice_figure(study, params, target, name)
         if len(complete) < 2:

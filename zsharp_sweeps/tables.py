@@ -65,6 +65,8 @@ def best_settings(
     """The best complete trials, best first; for several objectives, the Pareto front."""
     names = objective_names(study)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if len(study.directions) == 1 and any(SEED in t.params for t in complete):
+        return _best_configurations(study, complete, names[0], top)
     if len(study.directions) > 1:
         rows = _pareto_front(complete, study.directions)
     else:
@@ -72,6 +74,25 @@ def best_settings(
         rows = sorted(complete, key=lambda t: sign * t.value)[:top]
     frame = trials_frame(rows, names)
     return frame.drop(columns=["state", "epochs", "last_reported"], errors="ignore")
+
+
+def _best_configurations(study: optuna.Study, complete: Sequence[FrozenTrial], name: str,
+                         top: int) -> pd.DataFrame:
+    """With ``seed`` swept, a seed is a replicate, not a setting: one row per configuration
+    (the other parameters) with the objective's mean, sample std and n over its seeds,
+    best mean first. One seed's lucky run is never called the best."""
+    frame = pd.DataFrame([{**{k: v for k, v in t.params.items() if k != SEED},
+                           "value": t.value} for t in complete])
+    keys = [c for c in frame.columns if c != "value"]
+    if not keys:  # only seeds were swept: one configuration
+        frame["configuration"] = "(fixed)"
+        keys = ["configuration"]
+    table = frame.groupby(keys, dropna=False)["value"].agg(["mean", "std", "count"])
+    table = table.rename(columns={"mean": f"{name}_mean", "std": f"{name}_std",
+                                  "count": "n_seeds"}).reset_index()
+    ascending = study.direction != optuna.study.StudyDirection.MAXIMIZE
+    return table.sort_values(f"{name}_mean", ascending=ascending, kind="stable",
+                             ignore_index=True).head(top)
 
 
 def _pareto_front(
