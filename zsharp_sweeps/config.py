@@ -178,12 +178,19 @@ class HardwareConfig:
     """Where and how fast: device, precision and the speed switches the trainer honours."""
 
     device: str = "auto"
+    # precision, channels_last, compile, cuda_graph: a value, or "auto" (conf/hardware/auto.yaml):
+    # resolved per device before the run starts, explicit values win (training/hardware.py).
     precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
+    channels_last: bool | str = False
+    compile: bool | str = False
     # Capture the whole training step (both passes + optimizer) in one CUDA graph (CUDA,
     # fp32/bf16 only; re-captured when the lr changes). See zsharp_sweeps/graphs.py.
-    cuda_graph: bool = False
+    cuda_graph: bool | str = False
+    # compile=auto compiles on CUDA when the run trains at least this many steps.
+    compile_min_steps: int = 20000
+    # torch.compile/Triton cache directory, shared by runs and sweep workers (null:
+    # $ZSHARP_COMPILE_CACHE, else ~/.cache/zsharp-sweeps/inductor; "off": torch's default).
+    compile_cache: str | None = None
     # CPU threads for torch (0 = torch's default).
     num_threads: int = 0
     deterministic: bool = False
@@ -198,7 +205,16 @@ class HardwareConfig:
             self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:"),
             "hardware.device", self.device, "auto, cpu, cuda, cuda:N or mps",
         )
-        _one_of("hardware.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _one_of("hardware.precision", self.precision, ("fp32", "bf16", "fp16", "auto"))
+        for name in ("channels_last", "compile", "cuda_graph"):  # true, false or auto
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lower() in ("true", "false", "auto"):
+                value = value.lower() if value.lower() == "auto" else value.lower() == "true"
+            _check(isinstance(value, bool) or value == "auto", f"hardware.{name}", value,
+                   "true, false or auto")
+            setattr(self, name, value)
+        _check(self.compile_min_steps >= 0, "hardware.compile_min_steps", self.compile_min_steps,
+               ">= 0")
         _check(self.num_threads >= 0, "hardware.num_threads", self.num_threads, ">= 0")
         _check(self.trials_per_gpu >= 1, "hardware.trials_per_gpu", self.trials_per_gpu, ">= 1")
 
