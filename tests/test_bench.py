@@ -49,3 +49,32 @@ def test_bench_rejects_unknown_modes() -> None:
         parse_mode("bf16+turbo")
     with pytest.raises(SystemExit):
         main(["--device", "cpu", "--modes", "fp8"])
+
+
+def test_zsharp_kernel_variants_and_the_issue_table(tmp_path: Path, capsys) -> None:
+    """``--zsharp-kernels torch,auto`` measures one ZSharp row per kernels value in the same
+    run (the earlier and the new filter path, on a GPU), each against SAM and SGD; ``--table``
+    prints ZSharp/SAM, SAM/SGD and the fraction of the limit from the JSON."""
+    out = tmp_path / "bench.json"
+    assert main(["--device", "cpu", "--model", "mlp", "--optimizers", "sgd,sam,zsharp",
+                 "--zsharp-kernels", "torch,auto", "--batch-size", "8", "--steps", "2",
+                 "--warmup", "1", "--modes", "fp32", "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    rows = {r["optimizer"]: r for r in run["rows"]}
+    assert set(rows) == {"sgd", "sam", "zsharp[torch]", "zsharp[auto]"}
+    assert run["ratios"]["zsharp[torch]/sam"] == pytest.approx(
+        rows["zsharp[torch]"]["ms_per_step"] / rows["sam"]["ms_per_step"])
+    capsys.readouterr()
+    assert main(["--table", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "mode", "zsharp", "sgd_img_s", "sam_img_s",
+                                "zsharp_img_s", "zsharp/sam", "of_limit", "sam/sgd"]
+    assert len(lines) == 3 and lines[1].split()[:3] == ["mlp", "fp32", "zsharp[torch]"]
+    zsharp_over_sam, of_limit = (float(x) for x in lines[1].split()[6:8])
+    assert of_limit == pytest.approx(1 / zsharp_over_sam, rel=1e-3)
+
+
+def test_auto_mode_is_what_hardware_auto_resolves_to() -> None:
+    assert parse_mode("auto", "cpu", 100) == {
+        "precision": "fp32", "channels_last": False, "compile": False, "cuda_graph": False,
+    }

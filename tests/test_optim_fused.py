@@ -48,7 +48,7 @@ def test_fused_perturbation_with_a_nan_gradient_matches() -> None:
 
 def test_kernel_and_stream_options_are_checked() -> None:
     w = torch.nn.Parameter(torch.zeros(2, 2))
-    with pytest.raises(ValueError, match="kernels='cuda'.*auto, torch, triton"):
+    with pytest.raises(ValueError, match="kernels='cuda'.*auto, torch, triton, fused"):
         ZSharp([w], torch.optim.SGD, lr=0.1, kernels="cuda")
     with pytest.raises(ValueError, match="stats_streams=-1.*>= 0"):
         ZSharp([w], torch.optim.SGD, lr=0.1, stats_streams=-1)

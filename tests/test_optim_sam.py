@@ -377,7 +377,7 @@ def test_zsharp_implementation_settings_reach_the_optimizer(make_cfg) -> None:
     assert (default.kernels, default.threshold_method, default.stats_streams) == ("auto", "auto", 8)
     for override, message in [
         ("optimizer.kernels=cuda", "optimizer.kernels='cuda' is invalid: allowed one of auto, "
-         "torch, triton."),
+         "torch, triton, fused."),
         ("optimizer.threshold_method=sort", "optimizer.threshold_method='sort' is invalid: "
          "allowed one of auto, radix, bisect, kthvalue."),
         ("optimizer.stats_streams=-1", "optimizer.stats_streams=-1 is invalid: allowed an "

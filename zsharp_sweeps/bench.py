@@ -36,7 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from zsharp_sweeps.training.build import TrainingStep, build_parts, build_step
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
@@ -46,7 +45,7 @@ from zsharp_sweeps.config import (
     TrainerConfig,
 )
 from zsharp_sweeps.graphs import CudaGraphStep
-from zsharp_sweeps.tables import format_table
+from zsharp_sweeps.training.build import TrainingStep, build_parts, build_step
 
 
 @dataclass
@@ -69,6 +68,8 @@ class BenchSettings:
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     bn_second_pass: str = "freeze"
+    # ZSharp's optimizer.kernels for each zsharp row (several: one row each, "zsharp[fused]").
+    zsharp_kernels: tuple[str, ...] = ("auto",)
 
 
 def _sync(device: torch.device) -> None:
@@ -76,14 +77,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``zsharp[fused]`` -> (``zsharp``, ``fused``); ``sam`` -> (``sam``, None)."""
+    if name.endswith("]") and "[" in name:
+        base, kernels = name[:-1].split("[", 1)
+        return base, kernels
+    return name, None
+
+
+def variants(s: BenchSettings) -> list[str]:
+    """The rows to measure: each optimizer, ZSharp once per ``zsharp_kernels`` value."""
+    out = []
+    for name in s.optimizers:
+        if name == "zsharp" and len(s.zsharp_kernels) > 1:
+            out += [f"zsharp[{k}]" for k in s.zsharp_kernels]
+        else:
+            out.append(name)
+    return out
+
+
 def bench_config(s: BenchSettings, optimizer_name: str) -> TrainConfig:
-    """The trainer's config for these settings, on CIFAR-shaped synthetic data."""
+    """The trainer's config for these settings, on CIFAR-shaped synthetic data
+    (``optimizer_name`` may name ZSharp's kernels: ``zsharp[fused]``)."""
     size = s.batch_size * max(s.steps + s.warmup, 8)
+    optimizer_name, kernels = split_variant(optimizer_name)
+    if kernels is None:
+        kernels = s.zsharp_kernels[0] if optimizer_name == "zsharp" else "auto"
     return TrainConfig(
         data=DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
                         val_size=64, batch_size=s.batch_size, image_size=s.image_size),
         model=ModelConfig(name=s.model),
-        optimizer=OptimizerConfig(name=optimizer_name, lr=0.01, bn_second_pass=s.bn_second_pass),
+        optimizer=OptimizerConfig(name=optimizer_name, lr=0.01, bn_second_pass=s.bn_second_pass,
+                                  kernels=kernels),
         hardware=HardwareConfig(device=s.device, precision=s.precision,
                                 channels_last=s.channels_last, compile=s.compile,
                                 cuda_graph=s.cuda_graph),
@@ -151,8 +176,15 @@ def mode_name(s: BenchSettings) -> str:
     return "+".join(parts)
 
 
-def parse_mode(text: str) -> dict[str, Any]:
-    """``bf16+cl+compile+graph`` -> BenchSettings fields."""
+def parse_mode(text: str, device: str = "cpu", steps: int = 0) -> dict[str, Any]:
+    """``bf16+cl+compile+graph`` -> BenchSettings fields; ``auto``: what ``hardware=auto``
+    resolves to on ``device`` for a run of ``steps`` steps (training/hardware.py)."""
+    if text == "auto":
+        from zsharp_sweeps.training.hardware import auto_hardware, resolve
+
+        res = resolve(auto_hardware(), torch.device(device), steps)
+        return {"precision": res.precision, "channels_last": res.channels_last,
+                "compile": res.compile, "cuda_graph": res.cuda_graph}
     parts = text.split("+")
     if parts[0] not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--modes: {text!r} must start with fp32, bf16 or fp16")
@@ -166,7 +198,7 @@ def parse_mode(text: str) -> dict[str, Any]:
 
 def run_optimizers(s: BenchSettings) -> dict[str, Any]:
     rows = []
-    for name in s.optimizers:
+    for name in variants(s):
         try:
             rows.append(measure_optimizer(s, name))
         except Exception as exc:  # one broken variant must not hide the others' numbers
@@ -177,8 +209,9 @@ def run_optimizers(s: BenchSettings) -> dict[str, Any]:
     by_name = {r["optimizer"]: r for r in ok}
     ratios = {}
     if "sam" in by_name:
-        for name in ("zsharp", "asam", "fsam", "sam_magnitude", "sam_direction"):
-            if name in by_name:
+        for name in by_name:
+            if split_variant(name)[0] in ("zsharp", "asam", "fsam", "sam_magnitude",
+                                          "sam_direction"):
                 ratios[f"{name}/sam"] = by_name[name]["ms_per_step"] / by_name["sam"]["ms_per_step"]
     if "sgd" in by_name:
         for name, row in by_name.items():
@@ -362,8 +395,59 @@ def run_threshold(
 
 
 # ----- cli -------------------------------------------------------------------------------
-def _table(rows: Sequence[dict[str, Any]]) -> str:
-    return format_table(rows)
+def _table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """Aligned plain text (or a markdown table), floats to 4 significant digits."""
+    if not rows:
+        return "(none)"
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+
+    def cell(value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row.get(k)) for k in keys] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = [" ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))]
+    lines += [" ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def summary_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 23's table from ``--json`` files of step benchmarks: per model, mode and ZSharp
+    variant, images/s of SGD, SAM and ZSharp, ZSharp/SAM, SAM/SGD and the fraction of the
+    limit (SAM's step time over ZSharp's: 1.0 is ZSharp at SAM's cost)."""
+    out = []
+    for result in results:
+        model = result["settings"]["model"]
+        for run in result.get("runs", []):
+            by = {r["optimizer"]: r for r in run["rows"] if "error" not in r}
+            sgd, sam = by.get("sgd"), by.get("sam")
+            for name, row in by.items():
+                if split_variant(name)[0] != "zsharp":
+                    continue
+                line: dict[str, Any] = {"model": model, "mode": run["mode"], "zsharp": name}
+                line["sgd_img_s"] = round(sgd["images_per_s"]) if sgd else None
+                line["sam_img_s"] = round(sam["images_per_s"]) if sam else None
+                line["zsharp_img_s"] = round(row["images_per_s"])
+                if sam:
+                    line["zsharp/sam"] = row["ms_per_step"] / sam["ms_per_step"]
+                    line["of_limit"] = sam["ms_per_step"] / row["ms_per_step"]
+                if sam and sgd:
+                    line["sam/sgd"] = sam["ms_per_step"] / sgd["ms_per_step"]
+                fallbacks = [n for n, r in by.items() if r.get("graph") == "eager-fallback"]
+                if fallbacks:
+                    line["note"] = "graph capture failed, eager: " + ",".join(fallbacks)
+                out.append(line)
+            for r in (r for r in run["rows"] if "error" in r):
+                out.append({"model": model, "mode": run["mode"], "zsharp": r["optimizer"],
+                            "error": r["error"][:80]})
+    return out
 
 
 def _ints(text: str) -> list[int]:
@@ -415,8 +499,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="trainer.grad_clip of the benchmarked step")
     parser.add_argument("--bn-second-pass", choices=("freeze", "update"), default="freeze",
                         help="optimizer.bn_second_pass of the benchmarked step")
+    parser.add_argument("--zsharp-kernels", default="auto",
+                        help="optimizer.kernels of the zsharp rows; several (triton,fused) "
+                             "measure one row each, e.g. the earlier and the multi-tensor path")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print issue 23's table (ZSharp/SAM, SAM/SGD, fraction of the "
+                             "limit) from --json files of step benchmarks, and exit")
+    parser.add_argument("--markdown", action="store_true", help="--table as a markdown table")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if args.table:
+        results = []
+        for path in args.table:
+            with open(path) as handle:
+                results.append(json.load(handle))
+        print(_table(summary_rows(results), markdown=args.markdown))
+        return 0
     on_gpu = args.device.startswith("cuda")
     args.batch_size = args.batch_size or (128 if on_gpu else 32)
     args.steps = args.steps or (50 if on_gpu else 3)
@@ -432,10 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         cuda_graph=args.cuda_graph, data=args.data, image_size=args.image_size,
         label_smoothing=args.label_smoothing, grad_clip=args.grad_clip,
         bn_second_pass=args.bn_second_pass,
+        zsharp_kernels=tuple(args.zsharp_kernels.split(",")),
     )
     try:
-        modes = [parse_mode(m) for m in args.modes.split(",")] if args.modes else None
-        for name in s.optimizers:  # the trainer's range checks, before any work
+        modes = [parse_mode(m, s.device, s.steps + s.warmup) for m in args.modes.split(",")] \
+            if args.modes else None
+        for name in variants(s):  # the trainer's range checks, before any work
             bench_config(s, name)
     except ValueError as exc:  # ConfigError names the setting and the allowed range
         parser.error(str(exc))
@@ -471,7 +571,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["sharpness"] = rows
         print(_table(rows))
     else:
+        if any(m.get("compile") for m in modes or [vars(s)]):
+            # The product's persistent compile cache (training/hardware.py): the first variant
+            # compiles the model, the others (and a later run) reuse its kernels.
+            from zsharp_sweeps.training.hardware import use_compile_cache
+
+            use_compile_cache(None)
         runs = []
+        results["runs"] = runs
         for mode in modes or [{}]:
             ms = replace(s, **mode)
             out = run_optimizers(ms)
@@ -481,7 +588,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(_table([{"mode": out["mode"],
                                **{k: round(v, 3) for k, v in out["ratios"].items()}}]))
             print(flush=True)
-        results["runs"] = runs
+            if args.json:  # after each mode: a run stopped by a time limit keeps what it measured
+                with open(args.json, "w") as handle:
+                    json.dump(results, handle, indent=2, default=str)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2, default=str)

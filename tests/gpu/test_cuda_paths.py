@@ -68,3 +68,61 @@ def test_auto_picks_the_triton_kernels_on_cuda() -> None:
     w = torch.nn.Parameter(torch.zeros(4, 4, device="cuda"))
     assert fused.available(torch.device("cuda"))
     assert ZSharp([w], torch.optim.SGD, lr=0.1)._use_fused(torch.device("cuda"), torch.float32)
+
+
+def test_fused_kernels_keep_the_official_entries_on_cuda() -> None:
+    """The multi-tensor path (kernels="fused", the CUDA default) against the PyTorch path:
+    the same kept entries, e up to float32 rounding, e in each parameter's layout."""
+    from zsharp_sweeps.optim.zsharp import ZSharp
+
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(64, 3, 3, 3), (384, 1536), (7, 5), (1, 65, 384), (10,), (1, 1)] * 4
+    grads = [torch.randn(s, generator=gen).cuda() for s in shapes]
+    grads[0] = grads[0].contiguous(memory_format=torch.channels_last)
+    out = {}
+    for kernels in ("torch", "fused"):
+        params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        opt = ZSharp(params, torch.optim.SGD, lr=0.1, kernels=kernels)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        out[kernels] = [e.clone() for e in opt._perturbation(opt._with_grads())]
+        if kernels == "fused":
+            assert all(e.stride() == p.stride() for e, p in zip(
+                opt._perturbation(opt._with_grads()), params, strict=True))
+    for a, b in zip(out["fused"], out["torch"], strict=True):
+        assert torch.equal(a != 0, b != 0)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
+def test_a_captured_fused_step_takes_statistics_from_hooks_and_replays_eager_bits() -> None:
+    """In a CUDA graph the statistics start from gradient hooks (during the backward pass);
+    the replays give the eager steps' weights bit for bit."""
+    from zsharp_sweeps.graphs import CudaGraphStep
+    from zsharp_sweeps.optim.step import train_step
+    from zsharp_sweeps.optim.zsharp import ZSharp
+
+    def run(graph: bool) -> tuple[list[torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.BatchNorm2d(16),
+                                    torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(16 * 30 * 30, 10)).cuda()
+        opt = ZSharp(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9,
+                     kernels="fused")
+
+        def step(x: torch.Tensor, y: torch.Tensor):
+            return train_step(model, opt, torch.nn.functional.cross_entropy, x, y)
+
+        run_step = CudaGraphStep(step, opt, warmup=2) if graph else step
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(6):
+            x = torch.randn(32, 3, 32, 32, device="cuda", generator=gen)
+            y = torch.randint(0, 10, (32,), device="cuda", generator=gen)
+            run_step(x, y)
+        torch.cuda.synchronize()
+        return [p.detach().clone() for p in model.parameters()], opt._early_stats.reused
+
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    eager, reused_eager = run(graph=False)
+    graphed, reused_graph = run(graph=True)
+    assert reused_eager == 0 and reused_graph == 2  # conv and linear weights, at capture
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed, strict=True))

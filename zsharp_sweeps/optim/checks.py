@@ -17,8 +17,9 @@ from zsharp_sweeps.optim.threshold import METHODS
 
 #: ZSharp's filters: the method and its two same-count controls.
 FILTERS = ("zscore", "magnitude", "random")
-#: How ZSharp computes its kernels' full-buffer passes ("auto": Triton on CUDA float32).
-KERNELS = ("auto", "torch", "triton")
+#: How ZSharp runs its z-score filter ("auto": the multi-tensor "fused" kernels on CUDA float32;
+#: "triton": the earlier per-pass kernels; "torch": plain PyTorch ops). Same kept set in all.
+KERNELS = ("auto", "torch", "triton", "fused")
 #: How ZSharp finds the per-tensor order statistic (all give identical results).
 THRESHOLD_METHODS = METHODS
 

@@ -15,7 +15,8 @@ deterministic per-segment sum of squares (one partial per chunk, summed in chunk
 rather than ``torch.linalg.vector_norm``'s order, so ``e`` can differ from the PyTorch path
 in the last bit.
 
-Used for the z-score filter on CUDA when Triton is importable (``ZSharp(kernels="auto")``);
+Used for the z-score filter by ``ZSharp(kernels="triton")`` (the path before issue 23; "auto" now
+picks the multi-tensor kernels of :mod:`zsharp_sweeps.optim.multitensor`);
 tests run the same kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from zsharp_sweeps.optim import fused
-from zsharp_sweeps.optim.base import Groups, SAMBase, global_norm
+from zsharp_sweeps.optim import fused, multitensor
+from zsharp_sweeps.optim.base import _IDLE, Groups, SAMBase, global_norm
 from zsharp_sweeps.optim.checks import (
     FILTERS,
     KERNELS,
@@ -71,10 +71,13 @@ class ZSharp(SAMBase):
     momentum=0.9)``. ``threshold_method`` picks how the order statistic is found ("auto":
     quickselect on CPU, batched radix select elsewhere); all methods give identical results.
     ``stats_streams``: CUDA side streams for the per-tensor mean/std (0: the current stream
-    only); the values are the same either way, only the overlap changes. ``kernels``: "auto"
-    runs the z-score filter's full-buffer passes as Triton kernels on CUDA
-    (:mod:`zsharp_sweeps.optim.fused`: same kept set, ``e`` equal up to the last bit),
-    "torch" keeps plain PyTorch ops, "triton" forces the kernels (CPU: interpreter only).
+    only); the values are the same either way, only the overlap changes. ``kernels``: how the
+    z-score filter runs (same kept set bit for bit whichever; ``e`` equal up to the last bit):
+    "fused" (what "auto" picks on CUDA with Triton) does ``|z|``-to-``e`` over all tensors in
+    ten kernels and, under CUDA graph capture, starts the statistics from gradient hooks
+    (:mod:`zsharp_sweeps.optim.multitensor`); "triton" is the earlier path (PyTorch radix
+    select, Triton kernels for ``|z|`` and ``e``: :mod:`zsharp_sweeps.optim.fused`); "torch"
+    keeps plain PyTorch ops ("auto" off CUDA). Triton kernels on a CPU: interpreter only.
     """
 
     def __init__(
@@ -111,6 +114,8 @@ class ZSharp(SAMBase):
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
         self._rho_cache: dict[tuple[Any, ...], Tensor] = {}
+        self._buffers: dict[tuple[Any, ...], multitensor.FilterBuffers] = {}
+        self._early_stats = multitensor.EarlyStats(self, self._side_streams)
 
     # --- the ascent -----------------------------------------------------------------------
     def _perturbation(self, groups: Groups) -> list[Tensor]:
@@ -124,11 +129,18 @@ class ZSharp(SAMBase):
             dtype = torch.float64 if p.grad.dtype == torch.float64 else torch.float32
             batches.setdefault((p.grad.device, dtype, group["percentile"]), []).append((p, group))
         # The per-tensor statistics go first: on CUDA they run on side streams while this
-        # stream computes the global norm, the unfiltered perturbations and the packing.
-        stats = {
-            key: TensorStats([p.grad for p, _ in items], key[1], self._side_streams(key[0]))
-            for key, items in batches.items()
-        }
+        # stream computes the global norm, the unfiltered perturbations and the packing (the
+        # fused path's were mostly started by gradient hooks already: it starts the rest).
+        stats: dict[tuple[Any, ...], Any] = {}
+        for key, items in batches.items():
+            if self._kernel_path(key[0], key[1]) == "fused":
+                bufs = self._filter_buffers(key, items)
+                self._early_stats.begin(bufs, [p.grad for p, _ in items])
+                stats[key] = bufs
+            else:
+                stats[key] = TensorStats([p.grad for p, _ in items], key[1],
+                                         self._side_streams(key[0]))
+        self._early_stats.reset()
         norm = global_norm(grads)
         e_by_param: dict[Tensor, Tensor] = {}
         for group, ps in groups:
@@ -142,6 +154,7 @@ class ZSharp(SAMBase):
             es = self._filtered(items, norm.to(device), device, dtype, q, stats[key])
             for (p, _), e in zip(items, es, strict=True):
                 e_by_param[p] = e
+        self._early_stats.join_all()  # no side stream is left unjoined (a CUDA graph needs it)
         return [e_by_param[p] for _, ps in groups for p in ps]
 
     def _side_streams(self, device: torch.device) -> list[torch.cuda.Stream]:
@@ -162,11 +175,45 @@ class ZSharp(SAMBase):
             self._layouts[key] = layout
         return layout
 
-    def _use_fused(self, device: torch.device, dtype: torch.dtype) -> bool:
-        """Triton kernels for the z-score filter's full-buffer passes (float32 on CUDA)."""
+    def _kernel_path(self, device: torch.device, dtype: torch.dtype) -> str:
+        """How the filter runs here: "fused" (multi-tensor kernels), "triton" (the earlier
+        Triton kernels for |z| and e) or "torch". Triton paths: z-score filter, float32."""
         if self.kernels == "torch" or self.filter != "zscore" or dtype != torch.float32:
+            return "torch"
+        if self.kernels == "auto":
+            return "fused" if fused.available(device) else "torch"
+        return self.kernels
+
+    def _use_fused(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the filter runs Triton kernels on ``device`` (either Triton path)."""
+        return self._kernel_path(device, dtype) != "torch"
+
+    def _filter_buffers(
+        self, key: tuple[Any, ...], items: list[tuple[Tensor, dict[str, Any]]]
+    ) -> multitensor.FilterBuffers:
+        """The fused path's buffers for this batch of tensors (built once per layout and
+        Q_p; the gradient hooks are told which parameter fills which slot)."""
+        device, dtype, q = key
+        params = tuple(p for p, _ in items)
+        numels = [p.grad.numel() for p in params]
+        bkey = (device, dtype, q, tuple(id(p) for p in params), tuple(numels))
+        bufs = self._buffers.get(bkey)
+        if bufs is None:
+            layout = self._layout(numels, dtype, device)
+            bufs = multitensor.FilterBuffers.build(layout, params, q)
+            self._buffers[bkey] = bufs
+            self._early_stats.watch(bufs)
+        return bufs
+
+    def _stats_armed(self, device: torch.device) -> bool:
+        """Whether a gradient hook starts statistics now: in the backward pass at ``w`` (before
+        ``first_step``, never the one at ``w + e``) of a step being captured in a CUDA graph,
+        where they overlap the rest of the backward pass (``multitensor.EarlyStats``)."""
+        if self._phase != _IDLE:
             return False
-        return self.kernels == "triton" or fused.available(device)
+        if self._early_stats.mode == "always":
+            return True
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
     def _rho_vector(self, rhos: list[float], layout: SegmentLayout) -> Tensor:
         """Per-segment rho ``[k]`` on the device (cached: the graph replays with constants)."""
@@ -190,13 +237,21 @@ class ZSharp(SAMBase):
         device: torch.device,
         dtype: torch.dtype,
         q: float,
-        stats: TensorStats,
+        stats: TensorStats | multitensor.FilterBuffers,
     ) -> list[Tensor]:
         grads = [p.grad for p, _ in items]
+        rhos = [group["rho"] for _, group in items]
+        if isinstance(stats, multitensor.FilterBuffers):
+            # |z| to e in ten kernels; the same kept set bit for bit.
+            self._early_stats.join(device)
+            packed, orders = multitensor.pack(stats.layout, grads, stats.zeros)
+            e2d = multitensor.zscore_perturbation(
+                packed, stats, self._rho_vector(rhos, stats.layout), norm.to(dtype)
+            )
+            return multitensor.unpack_like(e2d, stats.layout, grads, orders)
         layout = self._layout([g.numel() for g in grads], dtype, device)
         method = resolve_method(self.threshold_method, device)
         g2d = layout.pack(grads)
-        rhos = [group["rho"] for _, group in items]
         if self._use_fused(device, dtype):
             # Same kept set bit for bit; e equal up to the last bit (see optim/fused.py).
             means, stds = stats.collect()
