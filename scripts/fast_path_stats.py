@@ -4,7 +4,7 @@ The CUDA-graph path must replay the eager step exactly (tests/gpu/test_graph_mat
 parameters bit for bit), but bf16 and channels-last change the arithmetic, so single runs
 cannot tell "same learning" from "different learning": this script trains ResNet-20 on the
 embedded digits data for n seeds in two modes and compares final test accuracy per optimizer
-with Welch's t-test. Each run is ``zsharp_sweeps.train.run_training`` on a config composed
+with Welch's t-test. Each run is ``zsharp_sweeps.training.run.run_training`` on a config composed
 from conf/ (tracking off), i.e. what ``python -m zsharp_sweeps.train`` runs:
 
     python scripts/fast_path_stats.py                       # sgd, sam, zsharp, fsam; 10 seeds
@@ -37,7 +37,7 @@ from scipy import stats  # noqa: E402
 
 from zsharp_sweeps.config import register_configs  # noqa: E402
 from zsharp_sweeps.tables import format_table  # noqa: E402
-from zsharp_sweeps.train import run_training  # noqa: E402
+from zsharp_sweeps.training.run import run_training  # noqa: E402
 
 #: The reference and the fast mode, as command-line overrides of the hardware group.
 MODES = {

@@ -5,18 +5,20 @@ Pruners here are importable by path from a sweep's worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
 from mlflow.tracking import MlflowClient
 
-from zsharp_sweeps.locks import sqlite_initialised
+from zsharp_sweeps.sweep.plan import WorkerJob
+from zsharp_sweeps.tracking.locks import sqlite_initialised
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,33 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         return True
+
+
+class _NoCallbacks:
+    """Hydra's job callbacks, none registered (what ``run_job`` calls around a job)."""
+
+    def on_job_start(self, **kwargs: object) -> None:
+        pass
+
+    def on_job_end(self, **kwargs: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def worker_job(overrides: list[str], sweep_dir: Path, task_function: Callable
+               ) -> Iterator[WorkerJob]:
+    """A sweep worker's job, as the sweeper builds it, for a worker run in this process:
+    Hydra's config loader and the master config of conf/config.yaml (public Hydra APIs)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import HydraContext, RunMode
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), job_name="train"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "config", [*overrides, f"hydra.sweep.dir={sweep_dir}"], run_mode=RunMode.MULTIRUN)
+        yield WorkerJob(HydraContext(config_loader=loader, callbacks=_NoCallbacks()),
+                        task_function, master)
 
 
 def env() -> dict[str, str]:

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsharp_sweeps.bench import BenchSettings, _make_runner, bench_config
-from zsharp_sweeps.training.build import build_parts, build_step
 from zsharp_sweeps.config import TrainConfig
-from zsharp_sweeps.training.engine import fit
 from zsharp_sweeps.optim import train_step
+from zsharp_sweeps.training.build import build_parts, build_step
+from zsharp_sweeps.training.engine import fit
 
 CPU = torch.device("cpu")
 SETTINGS = BenchSettings(

@@ -16,6 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from zsharp_sweeps.config import ConfigError, TrainerConfig, validate
 from zsharp_sweeps.training.build import build_parts
 from zsharp_sweeps.training.checkpoint import (
     Checkpointer,
@@ -30,10 +31,10 @@ from zsharp_sweeps.training.checkpoint import (
     save_atomic,
     snapshot,
 )
-from zsharp_sweeps.config import ConfigError, TrainerConfig, validate
+from zsharp_sweeps.training.device import seed_everything
 from zsharp_sweeps.training.engine import fit
+from zsharp_sweeps.training.run import _sharpness_fn, run_training
 from zsharp_sweeps.training.schedule import build_scheduler
-from zsharp_sweeps.train import _sharpness_fn, run_training, seed_everything
 
 from .conftest import REPO
 

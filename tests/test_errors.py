@@ -257,7 +257,7 @@ def test_every_option_starts_from_its_group_schema() -> None:
 def test_progress_off_a_terminal_is_one_log_line_per_epoch(
     make_cfg, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from zsharp_sweeps.train import run_training
+    from zsharp_sweeps.training.run import run_training
 
     cfg = make_cfg(["model=mlp", "model.params.hidden=16", "trainer.progress=true",
                     "trainer.max_steps_per_epoch=2", "sharpness=none", "tracking=off"])
@@ -324,7 +324,7 @@ def test_a_vit_comes_with_an_optimizer_that_trains_it(make_cfg) -> None:
 
 @pytest.mark.slow
 def test_the_headline_vit_learns_digits_with_its_defaults(make_cfg) -> None:
-    from zsharp_sweeps.train import run_training
+    from zsharp_sweeps.training.run import run_training
 
     cfg = make_cfg([*HEADLINE, *NARROW_VIT, "trainer.epochs=6", "sharpness=none",
                     "tracking=off"])
@@ -335,7 +335,7 @@ def test_the_headline_vit_learns_digits_with_its_defaults(make_cfg) -> None:
 def test_a_run_stuck_at_chance_warns_and_is_tagged(
     make_cfg, mlflow_uri: str, experiment_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from zsharp_sweeps.train import run_training
+    from zsharp_sweeps.training.run import run_training
 
     cfg = make_cfg(["model=mlp", "model.params.hidden=16", "optimizer=sgd", "optimizer.lr=1e-7",
                     "trainer.max_steps_per_epoch=2", "sharpness=none"])
@@ -351,7 +351,7 @@ def test_a_run_stuck_at_chance_warns_and_is_tagged(
 
 
 def test_a_run_that_learns_is_not_flagged(make_cfg, caplog: pytest.LogCaptureFixture) -> None:
-    from zsharp_sweeps.train import run_training
+    from zsharp_sweeps.training.run import run_training
 
     cfg = make_cfg(["model=mlp", "model.params.hidden=64", "sharpness=none", "tracking=off"])
     caplog.set_level("WARNING", logger="zsharp_sweeps.train")

@@ -27,7 +27,7 @@ from zsharp_sweeps.graphs import (
     state_tensors,
 )
 from zsharp_sweeps.optim import SAM, FriendlySAM, train_step
-from zsharp_sweeps.train import run_training
+from zsharp_sweeps.training.run import run_training
 
 
 class RecordingGraphStep(CudaGraphStep):

@@ -33,7 +33,7 @@ from zsharp_sweeps.data.sources import (
     load_files,
 )
 from zsharp_sweeps.data.specs import get_spec
-from zsharp_sweeps.train import run_training
+from zsharp_sweeps.training.run import run_training
 
 DEBIAN_DIR = DEBIAN_FASHION_MNIST[1]
 needs_debian_files = pytest.mark.skipif(

@@ -19,8 +19,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps.config import TrackingConfig
-from zsharp_sweeps.training.signals import Terminated, exit_code, sigterm_as_interrupt
 from zsharp_sweeps.tracking import Tracker
+from zsharp_sweeps.training.signals import Terminated, exit_code, sigterm_as_interrupt
 
 from .conftest import REPO
 

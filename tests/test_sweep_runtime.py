@@ -13,16 +13,16 @@ from pathlib import Path
 
 import optuna
 import pytest
-from hydra import initialize_config_dir
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from zsharp_sweeps.config import StudyConfig
-from zsharp_sweeps.training.signals import Terminated, check_stop, graceful_stop, stop_pending
 from zsharp_sweeps.sweep import build_pruner
 from zsharp_sweeps.sweep.lifecycle import StopRequest
+from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
 from zsharp_sweeps.sweep.progress import (
     INTERRUPTED_ATTR,
+    REJECTED_ATTR,
     SURPLUS_ATTR,
     is_surplus,
     progress,
@@ -33,9 +33,11 @@ from zsharp_sweeps.sweep.sampling import (
     override_value,
     sampler_factory,
 )
-from zsharp_sweeps.sweep.worker import SweepPlan, Worker, _retry, trial_run_name
+from zsharp_sweeps.sweep.worker import Worker, _retry, trial_run_name
+from zsharp_sweeps.training.signals import Terminated, check_stop, graceful_stop, stop_pending
 
-from .conftest import CONF_DIR, REPO
+from .conftest import REPO
+from .sweep_helpers import worker_job
 
 SPACE = {"x": FloatDistribution(0.0, 1.0), "y": FloatDistribution(1e-3, 1.0, log=True)}
 TPE = {"_target_": "optuna.samplers.TPESampler", "seed": 0, "n_startup_trials": 3}
@@ -106,12 +108,13 @@ def test_progress_counts_retries_once_and_ignores_surplus() -> None:
     _retry(study, study.trials[2], None)                     # its retry, WAITING
     _add(study, TrialState.PRUNED, 0.4)
     _add(study, TrialState.FAIL, 0.5, **{SURPLUS_ATTR: True})
+    _add(study, TrialState.FAIL, 0.6, **{REJECTED_ATTR: "NaN"})  # counts, but is no failure
     state = progress(study)
     assert (state.complete, state.failed, state.pruned, state.running, state.waiting) == (
-        1, 1, 1, 0, 1)
-    assert state.finished == 3 and not state.done(4)
-    assert state.has_work(3)  # the WAITING retry is work even when the places are taken
-    assert state.failure_rate() == pytest.approx(1 / 3)
+        1, 2, 1, 0, 1)
+    assert state.finished == 4 and not state.done(5)
+    assert state.has_work(4)  # the WAITING retry is work even when the places are taken
+    assert state.counted_failures == 1  # what max_failure_rate bounds
 
 
 def test_only_one_of_the_workers_racing_for_the_last_place_wins() -> None:
@@ -189,22 +192,33 @@ def test_watchdog_turns_the_stop_file_into_sigterm(tmp_path: Path) -> None:
     assert out.strip() == "terminated" and proc.returncode == 0
 
 
+def _plans(tmp_path: Path, storage: str, study_name: str, devices: list[str],
+           space: dict, n_trials: int, main_pid: int, fixed: list[str] | None = None
+           ) -> tuple[StudyPlan, HostPlan]:
+    study = StudyPlan(
+        study_name=study_name, storage=storage, n_trials=n_trials, max_failure_rate=0.0,
+        space=space, fixed_overrides=list(fixed or []),
+        make_sampler=functools.partial(optuna.samplers.RandomSampler), sampler_seed=0,
+        directions=["maximize"], sweep_dir=str(tmp_path / "sweep"),
+        objectives=["best_val_acc"], epoch_metric="val_acc",
+    )
+    host = HostPlan(devices=devices, trials_per_device=1, main_pid=main_pid,
+                    stop_file=str(tmp_path / "stop"))
+    return study, host
+
+
 def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -> None:
+    from zsharp_sweeps.train import task
+
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="w", storage=storage, direction="maximize")
-    plan = SweepPlan(
-        study_name="w", storage=storage, n_trials=3, max_failure_rate=0.0,
-        space={"optimizer.lr": CategoricalDistribution([0.05, 0.1])},
-        fixed_overrides=["data=digits", "hardware=cpu", "model=mlp", "model.params.hidden=16",
-                         "trainer.epochs=1", "trainer.progress=false", "tracking=off",
-                         "sharpness=none"],
-        make_sampler=functools.partial(optuna.samplers.RandomSampler),
-        sampler_seed=0, study=StudyConfig(), objectives=["best_val_acc"],
-        config_name="config", sweep_dir=str(tmp_path / "sweep"), devices=["cpu:0", "cpu:1"],
-        trials_per_device=1, main_pid=os.getpid(), stop_file=str(tmp_path / "stop"),
-    )
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        summary = Worker(plan, index=1).run()
+    fixed = ["data=digits", "hardware=cpu", "model=mlp", "model.params.hidden=16",
+             "trainer.epochs=1", "trainer.progress=false", "tracking=off", "sharpness=none"]
+    with worker_job(fixed, tmp_path / "sweep", task) as job:
+        job.study, job.host = _plans(
+            tmp_path, storage, "w", ["cpu:0", "cpu:1"],
+            {"optimizer.lr": CategoricalDistribution([0.05, 0.1])}, 3, os.getpid(), fixed)
+        summary = Worker.join(job, index=1).run()
     assert summary == {"worker": summary["worker"], "device": "cpu:1", "trials": 3,
                        "stopped": None, "data_cache_hits": 2}
     study = optuna.load_study(study_name="w", storage=storage)
@@ -222,6 +236,8 @@ def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -
         assert (folder / ".hydra" / "config.yaml").is_file()
         assert f"optimizer.lr={trial.params['optimizer.lr']}" in (
             folder / ".hydra" / "overrides.yaml").read_text()
+        assert set(trial.user_attrs["metrics"]) >= {"best_val_acc", "final_test_acc"}
+        assert len(trial.user_attrs["curves"]["val_acc"]) == 1
 
 
 def test_prestarted_worker_processes_wait_for_a_job_and_end_when_discarded() -> None:
@@ -257,15 +273,10 @@ def test_a_worker_forked_after_cuda_started_says_to_spawn(
     monkeypatch.setattr(placement, "pin_gpu", refuse)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="f", storage=storage, direction="maximize")
-    plan = SweepPlan(
-        study_name="f", storage=storage, n_trials=1, max_failure_rate=0.0, space={},
-        fixed_overrides=[], make_sampler=functools.partial(optuna.samplers.RandomSampler),
-        sampler_seed=0, study=StudyConfig(), objectives=["best_val_acc"],
-        config_name="config", sweep_dir=str(tmp_path / "sweep"), devices=["cuda:1"],
-        trials_per_device=1, main_pid=-1, stop_file=str(tmp_path / "stop"),
-    )
-    with pytest.raises(RuntimeError, match="hydra.launcher.start_method=spawn"):
-        Worker(plan, index=0).run()
+    with worker_job([], tmp_path / "sweep", lambda cfg: 0.0) as job:
+        job.study, job.host = _plans(tmp_path, storage, "f", ["cuda:1"], {}, 1, -1)
+        with pytest.raises(RuntimeError, match="hydra.launcher.start_method=spawn"):
+            Worker.join(job, index=0).run()
     assert optuna.load_study(study_name="f", storage=storage).trials == []
 
 
@@ -275,8 +286,8 @@ def test_interrupted_trials_log_no_optuna_traceback() -> None:
     import io
     import logging
 
-    from zsharp_sweeps.training.signals import Terminated
     from zsharp_sweeps.sweep.quiet import quiet_interrupted_trials
+    from zsharp_sweeps.training.signals import Terminated
 
     optuna.logging.enable_default_handler()
     quiet_interrupted_trials()

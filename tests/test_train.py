@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from zsharp_sweeps import train
 from zsharp_sweeps.config import OPTIMIZERS
 from zsharp_sweeps.training.engine import NonFiniteLossError
-from zsharp_sweeps.train import run_training
+from zsharp_sweeps.training.run import run_training
 
 from .conftest import REPO
 
@@ -159,7 +159,7 @@ def test_seeds_repeat_a_configuration_and_report_mean_and_std(
     make_cfg, mlflow_uri: str, experiment_name: str
 ) -> None:
     from zsharp_sweeps.config import validate
-    from zsharp_sweeps.train import objective_values, run_experiment
+    from zsharp_sweeps.training.run import objective_values, run_experiment
 
     cfg = validate(make_cfg(["model=mlp", "model.params.hidden=32", "optimizer=sgd",
                              "study.n_seeds=2", "sharpness=none"]))

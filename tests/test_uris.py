@@ -1,5 +1,5 @@
-"""SQLite stores: the one URL parser (zsharp_sweeps.uris), the first-touch lock and the
-"database is locked" check (zsharp_sweeps.locks) that the MLflow retry relies on."""
+"""SQLite stores: the one URL parser (zsharp_sweeps.tracking.uris), the first-touch lock and the
+"database is locked" check (zsharp_sweeps.tracking.locks) that the MLflow retry relies on."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import sqlalchemy
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock, sqlite_initialised
 from zsharp_sweeps.tracking import _retry
-from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
+from zsharp_sweeps.tracking.locks import is_database_locked, sqlite_init_lock, sqlite_initialised
+from zsharp_sweeps.tracking.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 
 
 @pytest.mark.parametrize(

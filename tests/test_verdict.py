@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from scipy import stats
 
-from zsharp_sweeps.locks import sqlite_initialised
+from zsharp_sweeps.tracking.locks import sqlite_initialised
 
 from .sweep_helpers import env, wait_for
 

@@ -1,4 +1,4 @@
-"""Figures: a run's curves (logged to MLflow) and a sweep's report plots.
+"""Figures of a sweep's report (a run's own curves: ``zsharp_sweeps.training.curves``).
 
 Sweep plots come from ``optuna.visualization.matplotlib`` wherever it has them: history,
 importances, slice (objective vs each parameter, log axes for log-sampled ones), contour
@@ -40,27 +40,6 @@ IMPORTANCE_MIN_TRIALS = 10
 CONTOUR_MAX_PARAMS = 3
 
 Target = Callable[[FrozenTrial], float] | None
-
-
-def plot_curves(history: Sequence[dict[str, float]], title: str = "") -> Figure:
-    """Loss and accuracy per epoch for train/val/test, side by side."""
-    epochs = [h["epoch"] for h in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "val", "test"):
-        if f"{split}_loss" in history[0]:
-            ax_loss.plot(epochs, [h.get(f"{split}_loss") for h in history], marker="o", label=split)
-            ax_acc.plot(epochs, [h.get(f"{split}_acc") for h in history], marker="o", label=split)
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
 
 
 def save(fig: Figure, path: Path) -> Path:

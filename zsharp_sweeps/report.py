@@ -48,7 +48,7 @@ from zsharp_sweeps.tables import (
     state_counts,
     trials_frame,
 )
-from zsharp_sweeps.uris import sqlite_path, sqlite_url
+from zsharp_sweeps.tracking.uris import sqlite_path, sqlite_url
 
 if TYPE_CHECKING:
     from zsharp_sweeps.tracking import Tracker

@@ -1,5 +1,5 @@
-"""``hydra/sweeper=zsharp_optuna``: the stock Optuna sweeper's settings, same keys and
-defaults, plus what long-lived workers need.
+"""``hydra/sweeper=zsharp_optuna``: the stock Optuna sweeper's settings (its public config
+module), same keys and defaults, plus what long-lived workers need.
 
 Everything users know (``hydra.sweeper.n_trials``, ``storage``, ``study_name``, ``n_jobs``,
 ``sampler``, ``direction``, ``params``, ``max_failure_rate``) keeps its meaning, with two
@@ -27,8 +27,9 @@ class ZSharpOptunaSweeperConf(OptunaSweeperConf):
     # null: every visible GPU, else hardware.device. Labels like cpu:0, cpu:1 tag CPU workers.
     devices: list[str] | None = None
     # Write the end-of-sweep report (report/ in the sweep dir, and the parent run's
-    # artifacts). A verdict's stages turn it off: the verdict writes its own analysis.
-    report: bool = True
+    # artifacts). null: for this project's training config (it has a tracking group), not
+    # for other apps. A verdict's stages turn it off: the verdict writes its own analysis.
+    report: bool | None = None
 
 
 ConfigStore.instance().store(

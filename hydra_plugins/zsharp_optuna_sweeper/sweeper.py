@@ -1,66 +1,87 @@
 """Hydra's Optuna sweeper, run as long-lived workers that pull trials from the study.
 
-What it keeps from ``hydra_plugins.hydra_optuna_sweeper``: every setting users know
-(``n_trials``, ``n_jobs``, ``storage``, ``study_name``, ``sampler``, ``direction``,
-``params``, ``max_failure_rate``, ``custom_search_space``) and its search-space parsing.
-What it changes (see ``zsharp_sweeps/sweep/worker.py`` for the worker side):
+A ``Sweeper`` on Hydra's public plugin interface (``setup``, ``sweep``). What it keeps from
+``hydra_plugins.hydra_optuna_sweeper``: every setting users know (``n_trials``, ``n_jobs``,
+``storage``, ``study_name``, ``sampler``, ``direction``, ``params``, ``max_failure_rate``,
+``custom_search_space``) and the search-space syntax, parsed by the stock parser
+(``zsharp_sweeps.sweep.sampling.parse_search_space``). Every trial runs the task function
+Hydra gave the sweeper, as a Hydra job, so it sweeps any Hydra app. What it changes (see
+``zsharp_sweeps/sweep/worker.py`` for the worker side):
 
-- **Workers, not batches.** The launcher (joblib on one host, submitit on SLURM) starts
-  ``n_jobs`` workers, each pinned to one device (worker *i* on
+- **Workers, not batches.** The launcher (``zsharp_workers`` on one host, submitit on SLURM,
+  joblib) starts ``n_jobs`` workers, each pinned to one device (worker *i* on
   ``devices[(i // hardware.trials_per_gpu) % len(devices)]``). Each asks the study for a
   trial as soon as it is free: no batch barrier, data and kernels stay warm.
 - **Resume.** ``n_trials`` is the size of the study: rerunning the same command continues
   it. By default the study lives in ``<sweep dir>/optuna.db``. The same command on another
   host, with an RDB ``storage`` URL, adds workers to the same study.
 - **Faults.** Optuna's heartbeat notices a dead worker on any host; its trial becomes FAIL
-  and a copy is enqueued (``RetryFailedTrialCallback``). SIGINT/SIGTERM stop the workers
-  cleanly: their trials FAIL and are retried on resume, their MLflow runs end KILLED.
+  and a copy is enqueued. SIGINT/SIGTERM stop the workers cleanly: their trials FAIL and are
+  retried on resume, their MLflow runs end KILLED.
 - **Seeds.** A sampler seed gives each trial its own derived seed: the study is reproducible
   and never repeats a configuration across resumes or workers.
 - **Failures** count over the study: the sweep stops once more than
   ``max_failure_rate * n_trials`` trials failed.
-- **Checks first.** The storage URL, the tracking URI and the config (with every edge of
-  every swept value) are validated before anything is created.
-- **MLflow.** One parent run per study (search space, sampler, directions; the best value
-  and parameters when done); each trial's run is nested under it and named after it.
+- **Checks first.** The storage URL, the tracking URI and the trial config at every edge of
+  every swept value (composed; and checked by the task function if it declares
+  ``check_config``, ``zsharp_sweeps.sweep.protocols.ChecksConfig``) are checked before
+  anything is created; a bad one raises ``ConfigError`` naming the setting.
+
+This project's training config adds, when its groups are present: MLflow (``tracking``: one
+parent run per study, each trial's run nested under it and named after it), pruning
+(``study.pruner``), devices (``hardware``) and objective names (``objectives``). A config
+without them (any other Hydra app) gets none of these.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
 import os
 import signal
 import socket
-import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from hydra_plugins.hydra_optuna_sweeper._impl import (
-    OptunaSweeperImpl,
-    create_params_from_overrides,
-)
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.trial import TrialState
 
-from zsharp_sweeps.config import ConfigError, section
+from zsharp_sweeps.config import (
+    ConfigError,
+    HardwareConfig,
+    StudyConfig,
+    TrackingConfig,
+    section,
+)
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.placement import gpu_uuids
+from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan, WorkerJob
 from zsharp_sweeps.sweep.progress import counted_trials, progress
+from zsharp_sweeps.sweep.protocols import ChecksConfig, PrestartingLauncher
 from zsharp_sweeps.sweep.quiet import optuna_experimental
-from zsharp_sweeps.sweep.sampling import corner_values, override_value, sampler_factory
-from zsharp_sweeps.sweep.worker import SweepPlan, WorkerJob, open_storage
+from zsharp_sweeps.sweep.sampling import (
+    SearchSpace,
+    corner_values,
+    grid_choices,
+    is_grid_sampler,
+    override_value,
+    parse_search_space,
+    sampler_factory,
+)
+from zsharp_sweeps.sweep.trial import EPOCH_METRIC_OF_OBJECTIVE, build_pruner
 from zsharp_sweeps.tracking import Tracker, override_param_key
-from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_path, sqlite_url
+from zsharp_sweeps.tracking.uris import absolute_sqlite_url, sqlite_path, sqlite_url
+from zsharp_sweeps.training.signals import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -78,38 +99,67 @@ def _study_key(storage: str, study_name: str) -> str:
     return hashlib.sha256(f"{storage}\n{study_name}".encode()).hexdigest()[:16]
 
 
-def _fail(message: str) -> None:
-    """A setup error: one line naming the setting, exit code 2, nothing created."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+@dataclass(frozen=True)
+class AppGroups:
+    """The groups of this project's training config that the sweeper acts on; None for a
+    config without them (any other Hydra app)."""
+
+    tracking: TrackingConfig | None
+    study: StudyConfig | None
+    hardware: HardwareConfig | None
+    objectives: list[str] | None
+
+    @classmethod
+    def of(cls, config: DictConfig) -> AppGroups:
+        def group(name: str) -> Any:
+            return section(config, name) if name in config else None
+
+        objectives = config.get("objectives")
+        return cls(group("tracking"), group("study"), group("hardware"),
+                   list(objectives) if isinstance(objectives, ListConfig) else None)
 
 
-class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
-    """The stock implementation's parsing with a worker-based ``sweep``."""
+class ZSharpOptunaSweeper(Sweeper):
+    """``hydra/sweeper=zsharp_optuna``: the stock settings, workers that pull trials."""
 
-    def __init__(self, *args: Any, sampler_conf: Any = None, heartbeat_interval: int = 10,
-                 grace_period: int | None = None, max_retry: int = 3,
-                 devices: list[str] | None = None, report: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.report = report
-        self.sampler_conf = sampler_conf
+    def __init__(self, sampler: Any, direction: Any, storage: str | None,
+                 study_name: str | None, n_trials: int, n_jobs: int, max_failure_rate: float,
+                 custom_search_space: str | None, params: DictConfig | None,
+                 heartbeat_interval: int = 10, grace_period: int | None = None,
+                 max_retry: int = 3, devices: list[str] | None = None,
+                 report: bool | None = None) -> None:
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate} is invalid: "
+                              "allowed a fraction in [0, 1].")
+        self.sampler_conf = sampler
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.params = params
+        self.custom_search_space_extender = None
+        if custom_search_space:
+            self.custom_search_space_extender = instantiate(
+                {"_target_": custom_search_space, "_partial_": True})
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period or 3 * heartbeat_interval
         self.max_retry = max_retry
         self.devices = list(devices) if devices else None
+        self.report = report
+        self.config: DictConfig | None = None
+        self.hydra_context: HydraContext | None = None
+        self.launcher: Any = None
+        self.job: WorkerJob | None = None
 
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
-        # What the stock setup sets, except that the launcher runs workers (``WorkerJob``),
-        # not the task function: it is instantiated once, here, with the plan filled in at
-        # launch.
-        self.job_idx = 0
-        self.config, self.hydra_context = config, hydra_context
-        self.sweep_dir = config.hydra.sweep.dir
-        self.task_function = task_function
-        self.job = WorkerJob()
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        """The launcher runs workers (``WorkerJob``), each of which runs ``task_function``
+        once per trial; it is instantiated once, here, and gets its plans at launch."""
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        self.job = WorkerJob(hydra_context=hydra_context, task_function=task_function,
+                             config=config)
         try:
             self.launcher = Plugins.instance().instantiate_launcher(
                 config=config, hydra_context=hydra_context, task_function=self.job,
@@ -120,57 +170,43 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                 cause = cause.__cause__
             if not isinstance(cause, ValueError):
                 raise
-            _fail(str(cause))
+            raise ConfigError(str(cause)) from None
+        self.app = AppGroups.of(config)
 
-    # ----- set-up ------------------------------------------------------------------------
+    # ----- settings ----------------------------------------------------------------------
+    def _directions(self) -> list[str]:
+        direction = self.direction
+        items = list(direction) if isinstance(direction, (list, tuple, ListConfig)) else [direction]
+        return [str(getattr(d, "name", d)).lower() for d in items]
+
     def _storage_url(self) -> str:
         if self.storage:
             return absolute_sqlite_url(str(self.storage))
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
         return sqlite_url(sweep_dir / "optuna.db")
 
-    def _search_space(self, arguments: list[str]) -> tuple[dict, list[str], dict | None]:
-        """(distributions, the sweep's fixed overrides verbatim, the grid or None)."""
-        lines = self._parse_sweeper_params_config() + list(arguments)
-        space, fixed_params, _ = create_params_from_overrides(lines)
-        parsed = OverridesParser.create().parse_overrides(lines)
-        fixed = [o.input_line for o in parsed if o.get_key_element() not in space]
+    def _search_space(self, arguments: list[str]) -> tuple[SearchSpace, dict | None]:
+        """The sweep's space and, for a grid sampler, its grid (``n_trials`` capped at its
+        size)."""
+        lines = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
+        space = parse_search_space(lines)
         grid = None
-        is_grid = (
-            isinstance(self.sampler, functools.partial)
-            and self.sampler.func == optuna.samplers.GridSampler
-        )
-        if is_grid:
-            grid = {name: self._to_grid_sampler_choices(d) for name, d in space.items()}
+        if is_grid_sampler(self._sampler_conf()):
+            try:
+                grid = {name: grid_choices(d) for name, d in space.distributions.items()}
+            except ValueError as exc:
+                raise ConfigError(f"hydra/sweeper/sampler=grid: {exc}") from None
             size = 1
             for choices in grid.values():
                 size *= len(choices)
             self.n_trials = min(self.n_trials, size)
-        return space, fixed, grid
+        return space, grid
 
-    def _check_configs(self, space: dict, fixed: list[str]) -> None:
-        """Compose and validate the trial config at every edge of every swept value (one
-        value moved at a time) before the study or any run exists."""
-        from hydra import compose
+    def _sampler_conf(self) -> dict[str, Any]:
+        conf = self.sampler_conf
+        return dict(OmegaConf.to_container(conf) if OmegaConf.is_config(conf) else conf or {})
 
-        from zsharp_sweeps.config import validate
-
-        base = {name: corner_values(d)[0] for name, d in space.items()}
-        variants = [base] + [
-            {**base, name: value}
-            for name, d in space.items() for value in corner_values(d)[1:]
-        ]
-        for values in variants:
-            overrides = fixed + [f"{k}={override_value(v)}" for k, v in values.items()]
-            try:
-                validate(compose(config_name=self._config_name(), overrides=overrides))
-            except ConfigError as exc:
-                swept = ", ".join(f"{k}={v}" for k, v in values.items())
-                _fail(f"{exc}" + (f" (with the swept values {swept})" if swept else ""))
-
-    def _config_name(self) -> str:
-        return str(self.config.hydra.job.config_name)
-
+    # ----- checks before anything is created ---------------------------------------------
     def _check_urls(self, storage: str) -> None:
         from zsharp_sweeps.sweep.storage import check_storage_url
         from zsharp_sweeps.tracking import (
@@ -179,19 +215,47 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             tracking_uri_setting,
         )
 
-        try:
-            check_storage_url(storage)
-            tracking = section(self.config, "tracking")
-            if tracking.enabled:
-                check_tracking_uri(resolve_tracking_uri(tracking), tracking_uri_setting(tracking))
-        except ConfigError as exc:
-            _fail(str(exc))
+        check_storage_url(storage)
+        tracking = self.app.tracking
+        if tracking is not None and tracking.enabled:
+            check_tracking_uri(resolve_tracking_uri(tracking), tracking_uri_setting(tracking))
+        if self.app.study is not None:
+            try:
+                build_pruner(self.app.study)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
+    def _check_configs(self, space: SearchSpace) -> None:
+        """Compose the trial config at every edge of every swept value (one value moved at a
+        time) and, where the task function can, check it: before the study or any run
+        exists."""
+        assert self.hydra_context is not None and self.config is not None
+        check = (self.task_function.check_config
+                 if isinstance(self.task_function, ChecksConfig) else None)
+        base = {name: corner_values(d)[0] for name, d in space.distributions.items()}
+        variants = [base] + [
+            {**base, name: value}
+            for name, d in space.distributions.items() for value in corner_values(d)[1:]
+        ]
+        for values in variants:
+            overrides = space.fixed + [f"{k}={override_value(v)}" for k, v in values.items()]
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+            if check is None:
+                continue
+            try:
+                check(cfg)
+            except ValueError as exc:
+                swept = ", ".join(f"{k}={v}" for k, v in values.items())
+                raise ConfigError(
+                    f"{exc}" + (f" (with the swept values {swept})" if swept else "")
+                ) from None
+
+    # ----- the study ---------------------------------------------------------------------
     def _open_study(self, storage: str) -> optuna.Study:
-        from zsharp_sweeps.locks import sqlite_init_lock
-        from zsharp_sweeps.sweep.trial import build_pruner
+        from zsharp_sweeps.sweep.worker import open_storage
+        from zsharp_sweeps.tracking.locks import sqlite_init_lock
 
-        directions = [d.lower() for d in self._get_directions()]
+        directions = self._directions()
         for attempt in range(5):
             try:
                 # SQLite: serialise the first touch; a server database (hosts started
@@ -202,7 +266,6 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                                        max_retry=self.max_retry)
                     study = optuna.create_study(
                         study_name=self.study_name or "study", storage=rdb,
-                        pruner=build_pruner(section(self.config, "study")),
                         directions=directions, load_if_exists=True,
                     )
                 break
@@ -213,7 +276,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
                 time.sleep(1.0 + attempt)
         stored = [d.name.lower() for d in study.directions]
         if stored != directions:
-            _fail(
+            raise ConfigError(
                 f"hydra.sweeper.direction={directions} but study {study.study_name!r} in "
                 f"{storage} was created with {stored}: allowed {stored} for this study, or a "
                 "new hydra.sweeper.study_name"
@@ -223,7 +286,9 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
     def _devices(self) -> list[str]:
         if self.devices:
             return self.devices
-        hardware = section(self.config, "hardware")
+        hardware = self.app.hardware
+        if hardware is None:
+            return ["cpu"]
         if hardware.device in ("auto", "cuda"):
             import torch
 
@@ -232,8 +297,11 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         return [hardware.device]
 
     # ----- mlflow ------------------------------------------------------------------------
-    def _parent_run(self, tracker: Tracker, study: optuna.Study, space: dict,
-                    fixed: list[str]) -> str | None:
+    def _tracker(self) -> Tracker:
+        return Tracker(self.app.tracking or TrackingConfig(enabled=False))
+
+    def _parent_run(self, tracker: Tracker, study: optuna.Study, space: SearchSpace,
+                    sampler_name: str) -> str | None:
         """The study's MLflow parent run: created once, reopened by resumes and other hosts."""
         if not tracker.enabled:
             return None
@@ -246,7 +314,7 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             tags={"sweep": "true", "study_name": study.study_name, "study_key": key},
         )
         # Hosts started together may each have created one: all keep the oldest.
-        chosen = self._oldest_parent(tracker, key) or run_id
+        chosen = tracker.oldest_running({"study_key": key}) or run_id
         if chosen != run_id:
             tracker.discard(run_id)
             tracker.reopen(chosen)
@@ -255,27 +323,13 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
         params = {
             "study_name": study.study_name,
-            "sampler": self.sampler_name,
+            "sampler": sampler_name,
             "directions": ",".join(d.name.lower() for d in study.directions),
-            **{f"space.{k}": repr(v) for k, v in space.items()},
-            **{f"fixed.{o.split('=', 1)[0]}": o.split("=", 1)[-1] for o in fixed},
+            **{f"space.{k}": repr(v) for k, v in space.distributions.items()},
+            **{f"fixed.{o.split('=', 1)[0]}": o.split("=", 1)[-1] for o in space.fixed},
         }
         tracker.log_params(params)
         return run_id
-
-    @staticmethod
-    def _oldest_parent(tracker: Tracker, key: str) -> str | None:
-        """The first parent run created for this new study (ties: the smallest id). Only
-        RUNNING ones: a finished sweep of an older study with the same name is not this one."""
-        from mlflow.tracking import MlflowClient
-
-        runs = MlflowClient(tracker.uri).search_runs(
-            [tracker.experiment_id],
-            filter_string=f"tags.study_key = '{key}' and attributes.status = 'RUNNING'",
-        )
-        if not runs:
-            return None
-        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
 
     def _finish_parent(self, tracker: Tracker, study: optuna.Study, status: str,
                        report: list[Path]) -> None:
@@ -311,75 +365,81 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
 
     # ----- the sweep ---------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
-        assert self.config is not None
-        self._process_searchspace_config()
-        space, fixed, grid = self._search_space(arguments)
+        assert self.config is not None and self.job is not None
+        space, grid = self._search_space(arguments)
         storage = self._storage_url()
         self._check_urls(storage)
-        self._check_configs(space, fixed)
+        self._check_configs(space)
         # The launcher's worker processes start now (zsharp_workers: imports take seconds),
-        # while the study and the MLflow parent run are set up; they get the plan at launch.
-        prestart = getattr(self.launcher, "prestart", None)
-        if prestart is not None and self.n_jobs > 1:
-            prestart(self.n_jobs, preload=WORKER_MODULES)
+        # while the study and the MLflow parent run are set up; they get the plans at launch.
+        prestarting = isinstance(self.launcher, PrestartingLauncher) and self.n_jobs > 1
+        if prestarting:
+            self.launcher.prestart(self.n_jobs, preload=WORKER_MODULES)
         try:
-            self._sweep(storage, space, fixed, grid)
-        except KeyboardInterrupt:  # Ctrl-C before the workers started, or a second one
-            # Everything is recorded (the parent run, if any, ended KILLED): one line, no
-            # traceback, the shell's exit status for SIGINT.
-            print("Sweep interrupted: rerun the same command to resume", file=sys.stderr)
-            sys.exit(128 + signal.SIGINT)
+            self._sweep(storage, space, grid)
+        except KeyboardInterrupt as exc:  # Ctrl-C before the workers started, or a second one
+            if isinstance(exc, Stopped):
+                raise
+            # Everything is recorded (the parent run, if any, ended KILLED).
+            raise Stopped(int(getattr(exc, "signum", signal.SIGINT)),
+                          "Sweep interrupted: rerun the same command to resume") from None
         finally:
-            discard = getattr(self.launcher, "discard", None)
-            if discard is not None:
-                discard()
+            if prestarting:
+                self.launcher.discard()
 
-    def _sweep(self, storage: str, space: dict, fixed: list[str], grid: dict | None) -> None:
+    def _sweep(self, storage: str, space: SearchSpace, grid: dict | None) -> None:
+        assert self.job is not None
         if sqlite_path(storage) is not None:
             sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
-
         study = self._open_study(storage)
-        objectives = list(self.config.get("objectives", ["best_val_acc"]))
-        if study.metric_names is None and len(objectives) == len(study.directions):
+        objectives = self.app.objectives or []
+        if len(objectives) != len(study.directions):
+            objectives = []
+        if study.metric_names is None and objectives:
             with optuna_experimental():
                 study.set_metric_names(objectives)  # Optuna's plots and tables name them
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        make_sampler = sampler_factory(OmegaConf.to_container(self.sampler_conf), grid)
-        self.sampler_name = type(make_sampler(None)).__name__
-        seed = self.sampler_conf.get("seed") if self.sampler_conf is not None else None
+        make_sampler = sampler_factory(self._sampler_conf(), grid)
+        sampler_name = type(make_sampler(None)).__name__
+        seed = self._sampler_conf().get("seed")
         log.info(
-            f"Study {study.study_name} in {storage} ({self.sampler_name}, seed {seed}): "
+            f"Study {study.study_name} in {storage} ({sampler_name}, seed {seed}): "
             f"{self.n_trials} trials, {self.n_jobs} worker(s) on this host"
         )
-        tracker = Tracker(section(self.config, "tracking"))
-        hardware = section(self.config, "hardware")
+        tracker = self._tracker()
         devices = self._devices()  # before the parent run: CUDA's start can take seconds
-        device_uuids = gpu_uuids(devices)
         stop = StopRequest(str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"))
         status, error = "FAILED", None
         try:  # from here on the parent run ends KILLED/FAILED/FINISHED whatever happens
-            parent_run_id = self._parent_run(tracker, study, space, fixed)
-            plan = SweepPlan(
+            parent_run_id = self._parent_run(tracker, study, space, sampler_name)
+            study_pruner = self.app.study
+            self.job.study = StudyPlan(
                 study_name=study.study_name, storage=storage, n_trials=self.n_trials,
-                max_failure_rate=self.max_failure_rate, space=space, fixed_overrides=fixed,
-                make_sampler=make_sampler, sampler_seed=seed,
-                study=section(self.config, "study"), objectives=objectives,
-                config_name=self._config_name(), sweep_dir=str(sweep_dir),
-                devices=devices, device_uuids=device_uuids,
-                trials_per_device=hardware.trials_per_gpu,
-                main_pid=os.getpid(), stop_file=str(stop.stop_file),
-                main_host=socket.gethostname(),
+                max_failure_rate=self.max_failure_rate, space=space.distributions,
+                fixed_overrides=space.fixed, make_sampler=make_sampler, sampler_seed=seed,
+                directions=[d.name.lower() for d in study.directions],
+                sweep_dir=str(sweep_dir),
+                make_pruner=(functools.partial(build_pruner, study_pruner) if study_pruner
+                             else optuna.pruners.NopPruner),
+                objectives=objectives,
+                epoch_metric=EPOCH_METRIC_OF_OBJECTIVE.get(objectives[0]) if objectives else None,
                 parent_run_id=parent_run_id, heartbeat_interval=self.heartbeat_interval,
                 grace_period=self.grace_period, max_retry=self.max_retry,
                 custom_search_space_extender=self.custom_search_space_extender,
-                host_workers=max(1, self.n_jobs),
+            )
+            self.job.host = HostPlan(
+                devices=devices,
+                trials_per_device=self.app.hardware.trials_per_gpu if self.app.hardware else 1,
+                main_pid=os.getpid(), stop_file=str(stop.stop_file),
+                main_host=socket.gethostname(), device_uuids=gpu_uuids(devices),
+                workers=max(1, self.n_jobs), share_cores=self.app.hardware is not None,
             )
             with stop.installed():
-                returns = self._launch(plan)
+                returns = self._launch()
             error = self._worker_error(returns, study)
             # A worker in this process (n_jobs=1) receives the signal itself.
             stopped = [r.return_value["stopped"] for r in returns
-                       if r.status.name == "COMPLETED" and r.return_value.get("stopped")]
+                       if r.status == JobStatus.COMPLETED and r.return_value.get("stopped")]
             if stopped and stop.signum is None:
                 stop.signum = stopped[0]
             status = "KILLED" if stop.signum else ("FAILED" if error else "FINISHED")
@@ -387,22 +447,30 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             status = "KILLED"
             raise
         finally:
+            write = self.report if self.report is not None else self.app.tracking is not None
             report = (self._write_report(study, tracker)
-                      if status == "FINISHED" and self.report else [])
+                      if status == "FINISHED" and write else [])
             self._finish_parent(tracker, study, status, report)
             self._save_results(study)
             self._summary(study, tracker, sweep_dir, status)
         if stop.signum:
-            sys.exit(stop.exit_code)
+            raise Stopped(stop.signum, "Sweep stopped: rerun the same command to resume")
         if error is not None:
             raise error
 
-    def _worker_error(self, returns: list, study: optuna.Study) -> BaseException | None:
+    def _worker_error(self, returns: list[JobReturn], study: optuna.Study
+                      ) -> BaseException | None:
         """The error that makes the sweep fail, if any. A worker that died (its trial is
         retried by the others) only fails the sweep if the study was left unfinished."""
         from hydra_plugins.zsharp_workers_launcher.launcher import WorkerDied
 
-        errors = [r._return_value for r in returns if r.status.name == "FAILED"]
+        errors: list[BaseException] = []
+        for ret in returns:
+            if ret.status == JobStatus.FAILED:
+                try:
+                    ret.return_value  # noqa: B018  (raises the job's exception)
+                except BaseException as exc:  # noqa: BLE001  the job's, whatever it was
+                    errors.append(exc)
         died = [e for e in errors if isinstance(e, WorkerDied)]
         for exc in died:
             log.warning(f"{exc}: its trial was failed by the heartbeat and retried")
@@ -416,18 +484,21 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
             )
         return None
 
-    def _launch(self, plan: SweepPlan) -> list:
+    def _launch(self) -> list[JobReturn]:
         """Start this host's workers through the configured launcher and wait for them."""
-        n_workers = plan.host_workers
-        plan = self.job.plan = dataclasses.replace(plan, launched_at=time.time())
+        assert self.job is not None and self.job.host is not None and self.job.study is not None
+        host_plan = self.job.host = replace(self.job.host, launched_at=time.time())
+        n_workers = host_plan.workers
         host = socket.gethostname()
         jobs = [
-            [*plan.fixed_overrides, f"hydra.sweep.subdir=workers/{host}-{os.getpid()}-{i}"]
+            [*self.job.study.fixed_overrides,
+             f"hydra.sweep.subdir=workers/{host}-{os.getpid()}-{i}"]
             for i in range(n_workers)
         ]
-        devices = ", ".join(plan.device_for(i) for i in range(n_workers))
+        devices = ", ".join(host_plan.device_for(i) for i in range(n_workers))
+        sweep_dir = self.job.study.sweep_dir
         log.info(f"Starting {n_workers} worker(s) on {devices}; logs in "
-                 f"{plan.sweep_dir}/workers/, one folder per trial in {plan.sweep_dir}/")
+                 f"{sweep_dir}/workers/, one folder per trial in {sweep_dir}/")
         # The launchers log every job's overrides (here: the same for every worker) and
         # joblib's settings: not what a user wants to read once per worker.
         launcher_logs = [logging.getLogger(name) for name in
@@ -477,21 +548,3 @@ class ZSharpOptunaSweeperImpl(OptunaSweeperImpl):
         path = Path(str(self.config.hydra.sweep.dir))
         path.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(results), path / "optimization_results.yaml")
-
-
-class ZSharpOptunaSweeper(OptunaSweeper):
-    """``hydra/sweeper=zsharp_optuna``: the stock plugin with ``ZSharpOptunaSweeperImpl``."""
-
-    def __init__(self, *, heartbeat_interval: int = 10, grace_period: int | None = None,
-                 max_retry: int = 3, devices: list[str] | None = None, report: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        stock = self.sweeper
-        self.sweeper = ZSharpOptunaSweeperImpl(
-            stock.sampler, stock.direction, stock.storage, stock.study_name, stock.n_trials,
-            stock.n_jobs, stock.max_failure_rate, None, stock.params,
-            sampler_conf=kwargs.get("sampler"), heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period, max_retry=max_retry, devices=devices, report=report,
-        )
-        self.sweeper.custom_search_space_extender = stock.custom_search_space_extender
-

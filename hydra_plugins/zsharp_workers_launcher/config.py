@@ -8,9 +8,6 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class WorkersLauncherConf:
     _target_: str = "hydra_plugins.zsharp_workers_launcher.launcher.WorkersLauncher"
-    # Seconds a worker gets to record its running trial after a stop request (SIGINT/SIGTERM
-    # of the sweep) before it is killed.
-    stop_timeout_s: float = 60.0
     # How worker processes start: auto (forked where safe: Linux, one thread, CUDA not started
     # in the sweep's process; spawned otherwise), fork or spawn. spawn if something in the
     # sweep's process touches CUDA before the workers start (e.g. a Hydra callback calling

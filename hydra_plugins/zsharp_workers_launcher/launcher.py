@@ -45,6 +45,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from zsharp_sweeps.sweep.protocols import PrestartingLauncher
+
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +92,6 @@ def _execute(jobs: Connection, results: Connection, preload: tuple[str, ...] = (
     setup_globals()
     Singleton.set_state(singleton_state)
     ret = _run(idx, overrides, hydra_context, config, task_function)
-    ret.hydra_cfg = None  # large and not needed by the sweeper
     try:
         blob = cloudpickle.dumps((idx, ret))
     except Exception as exc:  # an unpicklable return value or exception
@@ -132,15 +133,15 @@ class _Slot:
     results: Connection
 
 
-class WorkersLauncher(Launcher):
-    """``hydra/launcher=zsharp_workers``: every job at once, each in its own process."""
+class WorkersLauncher(Launcher, PrestartingLauncher):
+    """``hydra/launcher=zsharp_workers``: every job at once, each in its own process; its
+    processes can start before their jobs exist (``PrestartingLauncher``)."""
 
-    def __init__(self, stop_timeout_s: float = 60.0, start_method: str = "auto") -> None:
+    def __init__(self, start_method: str = "auto") -> None:
         if start_method not in START_METHODS:
             raise ValueError(
                 f"hydra.launcher.start_method={start_method!r}: allowed {', '.join(START_METHODS)}"
             )
-        self.stop_timeout_s = stop_timeout_s
         self.start_method = start_method
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None

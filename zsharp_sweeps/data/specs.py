@@ -41,6 +41,8 @@ class DatasetSpec:
     # Where the files come from (the first of several for SVHN and the MNISTs).
     url: str = ""
     hflip: bool = True
+    # Images in the official training split (what data.val_size is held out of).
+    train_images: int = 0
 
 
 SPECS: dict[str, DatasetSpec] = {
@@ -48,34 +50,42 @@ SPECS: dict[str, DatasetSpec] = {
         "cifar10", 10, 3, 32,
         mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        train_images=50000,
     ),
     "cifar100": DatasetSpec(
         "cifar100", 100, 3, 32,
         mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761),
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        train_images=50000,
     ),
     "svhn": DatasetSpec(
         "svhn", 10, 3, 32,
         mean=(0.4377, 0.4438, 0.4728), std=(0.1980, 0.2010, 0.1970),
         url="http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
         hflip=False,
+        train_images=73257,
     ),
     "tiny_imagenet": DatasetSpec(
         "tiny_imagenet", 200, 3, 64,
         mean=(0.4802, 0.4481, 0.3975), std=(0.2302, 0.2265, 0.2262),
         url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+        train_images=100000,
     ),
     "fashion_mnist": DatasetSpec(
         "fashion_mnist", 10, 1, 28, mean=(0.2860,), std=(0.3530,),
         url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz",
+        train_images=60000,
     ),
     "mnist": DatasetSpec(
         "mnist", 10, 1, 28, mean=(0.1307,), std=(0.3081,),
         url="https://ossci-datasets.s3.amazonaws.com/mnist/train-images-idx3-ubyte.gz",
         hflip=False,
+        train_images=60000,
     ),
+    # digits: the 80 % of scikit-learn's 1797 images its fixed split trains on.
     "digits": DatasetSpec(
         "digits", 10, 1, 8, mean=(0.3053,), std=(0.3760,), scale=16.0, hflip=False,
+        train_images=1437,
     ),
 }
 

@@ -22,6 +22,10 @@ from zsharp_sweeps.sweep.quiet import optuna_experimental
 SURPLUS_ATTR = "zsharp:surplus"
 #: User attr of a trial stopped by a signal; its retry counts instead.
 INTERRUPTED_ATTR = "interrupted"
+#: User attr of a trial whose task returned no usable objective value (NaN, not a number,
+#: the wrong count): FAIL and counted, but not a failure of the task (``max_failure_rate``
+#: bounds the trials whose task raised or whose worker died, as the stock sweeper does).
+REJECTED_ATTR = "rejected_value"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -64,6 +68,7 @@ class Progress:
     failed: int
     running: int
     waiting: int
+    rejected: int = 0
 
     @property
     def finished(self) -> int:
@@ -77,8 +82,11 @@ class Progress:
         """A worker that asks now gets a trial that counts."""
         return self.waiting > 0 or self.finished + self.running < n_trials
 
-    def failure_rate(self) -> float:
-        return self.failed / self.finished if self.finished else 0.0
+    @property
+    def counted_failures(self) -> int:
+        """The failures ``max_failure_rate`` bounds: failed trials whose value was not just
+        rejected."""
+        return self.failed - self.rejected
 
 
 def progress(study: optuna.Study) -> Progress:
@@ -90,6 +98,8 @@ def progress(study: optuna.Study) -> Progress:
         failed=sum(t.state == TrialState.FAIL for t in counting),
         running=sum(t.state == TrialState.RUNNING for t in counting),
         waiting=sum(t.state == TrialState.WAITING for t in trials),
+        rejected=sum(t.state == TrialState.FAIL and REJECTED_ATTR in t.user_attrs
+                     for t in counting),
     )
 
 

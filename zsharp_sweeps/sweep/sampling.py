@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import FloatRange
 from optuna.distributions import (
     BaseDistribution,
     CategoricalDistribution,
@@ -27,6 +30,16 @@ from optuna.samplers import BaseSampler
 from optuna.trial import FrozenTrial, TrialState
 
 from zsharp_sweeps.sweep.quiet import optuna_experimental
+
+try:  # the stock plugin's search-space parser: private, so guarded and version-pinned
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+except ImportError as exc:  # pragma: no cover - depends on the installed plugin
+    raise ImportError(
+        "hydra-optuna-sweeper no longer provides _impl.create_params_from_overrides, which "
+        "zsharp_sweeps/sweep/sampling.py uses to parse search spaces exactly as the stock "
+        "sweeper does: install the version pyproject.toml pins (1.4.0rc3) or re-check the "
+        "parser and widen the pin (tests/test_sweep_runtime.py)"
+    ) from exc
 
 #: Samplers whose seed defines one structure for the whole study, which every trial must
 #: share: QMC scrambles its sequence with it (and indexes it by trial number), the grid
@@ -95,20 +108,30 @@ def sampler_factory(
     return functools.partial(_make_sampler, dict(sampler_conf), dict(grid) if grid else None)
 
 
-def _make_sampler(conf: dict, grid: dict | None, seed: int | None) -> BaseSampler:
+def _instantiate(conf: dict, seed: int | None) -> Any:
     from hydra.utils import instantiate
 
     conf = dict(conf)
     if "seed" in conf:
         conf["seed"] = seed
     with optuna_experimental():  # QMC, GP ...
-        sampler = instantiate(
+        return instantiate(
             conf,
             _execution_whitelist_=("hydra_plugins.hydra_optuna_sweeper.*", "optuna.samplers.*"),
         )
+
+
+def _make_sampler(conf: dict, grid: dict | None, seed: int | None) -> BaseSampler:
+    sampler = _instantiate(conf, seed)
     if isinstance(sampler, functools.partial):  # the grid sampler needs its grid
         sampler = sampler(grid or {})
     return sampler
+
+
+def is_grid_sampler(sampler_conf: Mapping[str, Any]) -> bool:
+    """Whether ``hydra.sweeper.sampler`` is Optuna's grid sampler (built from the grid)."""
+    sampler = _instantiate(dict(sampler_conf), None)
+    return isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler
 
 
 def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
@@ -152,12 +175,40 @@ def override_value(value: Any) -> str:
     return str(value)
 
 
-def parse_search_space(lines: list[str]) -> dict[str, BaseDistribution]:
-    """Optuna distributions of sweep overrides in Hydra's Optuna-sweeper syntax
-    (``optimizer.lr=tag(log, interval(0.01, 0.5))``, ``seed=range(0, 3)``); fixed values
-    (``a=1``) are left out. The stock plugin's parser is used so that a space means here
-    exactly what it means to ``hydra/sweeper=optuna``."""
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+@dataclass(frozen=True)
+class SearchSpace:
+    """A sweep's overrides, split: the swept ones as Optuna distributions (in order), the
+    others verbatim (fixed values, ``~key`` deletions, group choices)."""
 
-    space, _fixed, _ = create_params_from_overrides(list(lines))
-    return dict(space)
+    distributions: dict[str, BaseDistribution]
+    fixed: list[str]
+
+
+def parse_search_space(lines: Sequence[str]) -> SearchSpace:
+    """Sweep overrides in Hydra's Optuna-sweeper syntax (``optimizer.lr=tag(log,
+    interval(0.01, 0.5))``, ``seed=range(0, 3)``, ``optimizer=choice(sam, zsharp)``), parsed
+    by the stock plugin's own parser, so that a space means here exactly what it means to
+    ``hydra/sweeper=optuna``. The one place this project reads hydra-optuna-sweeper's
+    private module; the versions it was checked against are pinned by
+    ``tests/test_sweep_runtime.py``."""
+    space, fixed_params, _deletions = create_params_from_overrides(list(lines))
+    parsed = OverridesParser.create().parse_overrides(list(lines))
+    fixed = [o.input_line for o in parsed
+             if o.get_key_element() not in space and o.input_line is not None]
+    return SearchSpace(dict(space), fixed)
+
+
+def grid_choices(distribution: BaseDistribution) -> list[Any]:
+    """Every value a discrete distribution takes, both ends included (what Optuna's grid
+    sampler enumerates)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return list(range(distribution.low, distribution.high + 1, distribution.step))
+    if isinstance(distribution, FloatDistribution) and distribution.step is not None:
+        choices = list(FloatRange(distribution.low, distribution.high, distribution.step))
+        if not choices or choices[-1] != distribution.high:
+            choices.append(distribution.high)
+        return choices
+    raise ValueError(f"a grid sweep needs discrete values: {distribution!r} is continuous "
+                     "(use choice(...) or range(...) with a step)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from zsharp_sweeps.config import ConfigError
-from zsharp_sweeps.dburl import check_rdb_url, rdb_dialect
+from zsharp_sweeps.tracking.dburl import check_rdb_url, rdb_dialect
 
 __all__ = ["ALLOWED_STORAGE", "STORAGE_SETTING", "check_storage_url"]
 

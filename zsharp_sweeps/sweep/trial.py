@@ -63,13 +63,13 @@ EPOCH_METRIC_OF_OBJECTIVE = {
 class TrialReporter:
     """An ``on_epoch_end`` callback bound to one live Optuna trial (the worker's handle).
 
-    It reports the epoch metric behind the study's (first) objective, oriented like that
-    objective, so the pruner compares like with like. Optuna does not prune
-    multi-objective studies; there it only records the intermediate values.
+    It reports ``metric``, the epoch metric behind the study's (first) objective
+    (``EPOCH_METRIC_OF_OBJECTIVE``), so the pruner compares like with like. Optuna does not
+    prune multi-objective studies; there it only records the intermediate values.
     """
 
-    def __init__(self, trial: optuna.Trial, objective: str, n_objectives: int) -> None:
-        self.metric = EPOCH_METRIC_OF_OBJECTIVE[objective]
+    def __init__(self, trial: optuna.Trial, metric: str, n_objectives: int) -> None:
+        self.metric = metric
         self.trial = trial
         self.single_objective = n_objectives == 1
 

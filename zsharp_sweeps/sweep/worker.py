@@ -3,16 +3,19 @@
 The sweeper (``hydra_plugins/zsharp_optuna_sweeper``) starts W workers through Hydra's
 launcher (``zsharp_workers`` on one host, submitit on SLURM, joblib still works); the same
 command on another host adds workers to the same study. Each worker is pinned to one device
-for its life (``placement``: in a process of its own it sees only that GPU) and loops:
-ask the study for a trial (``study.optimize(n_trials=1)``: Optuna's heartbeat, stale-trial
-check and tell come with it), compose the trial's config with Hydra's compose API (the
-sweep's overrides plus the sampled values), train it in-process and tell the result. A free
-worker asks at once, so a short (pruned) trial never waits for a long one. Data on the
+for its life (``placement``: in a process of its own it sees only that GPU) and loops: ask
+the study for a trial (``study.optimize(n_trials=1)``: Optuna's heartbeat, stale-trial check
+and tell come with it), run the task function Hydra gave the sweeper as a Hydra job composed
+with the trial's overrides (``run_job``, as Hydra's own launchers run jobs: the trial's
+folder, ``.hydra/`` files, working directory, callbacks), and tell Optuna what it returned.
+A free worker asks at once, so a short (pruned) trial never waits for a long one. Data on the
 device, the CUDA context, cuDNN plans and compiled kernels stay warm between trials.
 
-Everything a trial needs comes in a ``TrialContext``; only public Optuna/Hydra APIs are
-used. Lifecycle: see ``lifecycle`` (workers end with the sweep) and ``progress`` (which
-trials count toward ``n_trials``).
+What a trial of this project's training needs beyond its config (device, names, the parent
+MLflow run, the pruning reporter, warm data, checkpoints to resume) goes to the task
+function in a ``RunContext`` made current around it; any other task function ignores it.
+Lifecycle: see ``lifecycle`` (workers end with the sweep) and ``progress`` (which trials
+count toward ``n_trials``).
 """
 
 from __future__ import annotations
@@ -25,23 +28,22 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
-from optuna.distributions import BaseDistribution
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, run_job
+from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from zsharp_sweeps.config import ConfigError, StudyConfig, section
-from zsharp_sweeps.training.signals import check_stop
-from zsharp_sweeps.training.context import DataCache, TrialContext
 from zsharp_sweeps.sweep.lifecycle import watchdog
+from zsharp_sweeps.sweep.plan import WorkerJob
 from zsharp_sweeps.sweep.progress import (
     INTERRUPTED_ATTR,
+    REJECTED_ATTR,
     SURPLUS_ATTR,
     is_surplus,
     progress,
@@ -49,13 +51,17 @@ from zsharp_sweeps.sweep.progress import (
 )
 from zsharp_sweeps.sweep.quiet import optuna_experimental, quiet_interrupted_trials
 from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, suggest
-from zsharp_sweeps.sweep.trial import build_pruner
+from zsharp_sweeps.sweep.trial import TrialReporter
+from zsharp_sweeps.training.context import DataCache, RunContext, use_context
+from zsharp_sweeps.training.signals import check_stop, graceful_stop
 
 log = logging.getLogger(__name__)
 
 #: How often an idle worker looks again while the study's last trials run elsewhere (one of
 #: them may die and be retried, and this worker should take the retry).
 IDLE_POLL_S = 1.0
+#: Trial user attribute: the trial's output folder (a retry resumes from its checkpoints).
+DIR_ATTR = "dir"
 
 
 class SurplusTrial(RuntimeError):
@@ -66,46 +72,8 @@ class MaxFailuresExceeded(RuntimeError):
     """More trials failed than ``max_failure_rate`` allows over the whole study."""
 
 
-@dataclass(frozen=True)
-class SweepPlan:
-    """Everything a worker needs to join a study; built once by the sweeper, pickled to the
-    workers by the launcher (joblib, submitit)."""
-
-    study_name: str
-    storage: str
-    n_trials: int
-    max_failure_rate: float
-    space: dict[str, BaseDistribution]
-    fixed_overrides: list[str]
-    make_sampler: Callable[[int | None], optuna.samplers.BaseSampler]
-    sampler_seed: int | None
-    study: StudyConfig
-    objectives: list[str]
-    config_name: str
-    sweep_dir: str
-    devices: list[str]
-    trials_per_device: int
-    main_pid: int
-    stop_file: str
-    main_host: str = ""
-    parent_run_id: str | None = None
-    heartbeat_interval: int = 10
-    grace_period: int = 30
-    max_retry: int = 3
-    custom_search_space_extender: Callable[[DictConfig, optuna.Trial], None] | None = None
-    #: ``{"cuda:2": "GPU-…"}``: lets a worker in its own process see only its card.
-    device_uuids: dict[str, str] = field(default_factory=dict)
-    #: ``time.time()`` when the sweep started its workers: each says how long it took to join.
-    launched_at: float = 0.0
-    #: Workers the sweep starts on this host: CPU workers share its cores between them.
-    host_workers: int = 1
-
-    def device_for(self, worker_index: int) -> str:
-        return self.devices[(worker_index // self.trials_per_device) % len(self.devices)]
-
-    def max_failures(self) -> int:
-        """Failures the study may hold: beyond this its failure rate must exceed the bound."""
-        return int(self.max_failure_rate * self.n_trials)
+class RejectedValue(ValueError):
+    """The task function returned something that is not the study's objective value(s)."""
 
 
 def open_storage(url: str, *, heartbeat_interval: int, grace_period: int,
@@ -125,31 +93,6 @@ def open_storage(url: str, *, heartbeat_interval: int, grace_period: int,
                 max_retry=max_retry
             ),
         )
-
-
-def close_stale_runs(cfg: DictConfig, study_name: str, trial_number: int) -> None:
-    """MLflow runs of a trial whose worker died (SIGKILL, lost host) stay RUNNING: the
-    worker that retries the trial ends them KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    from zsharp_sweeps.tracking import resolve_tracking_uri
-
-    tracking = section(cfg, "tracking")
-    if not tracking.enabled:
-        return
-    client = MlflowClient(resolve_tracking_uri(tracking))
-    experiment = client.get_experiment_by_name(tracking.experiment)
-    if experiment is None:
-        return
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=(f"tags.study_name = '{study_name}' and "
-                       f"tags.trial_number = '{trial_number}' and attributes.status = 'RUNNING'"),
-    )
-    for run in runs:
-        client.set_tag(run.info.run_id, "run_state", "KILLED")
-        client.set_terminated(run.info.run_id, status="KILLED")
-        log.warning(f"MLflow run {run.info.run_id} of dead trial {trial_number}: ended KILLED")
 
 
 def _retry(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
@@ -172,7 +115,7 @@ def trial_run_name(number: int, params: dict[str, Any]) -> str:
 CURVE_METRICS = ("val_acc", "val_loss", "test_acc", "train_loss", "epoch_wall_s")
 
 
-def record_results(trial: optuna.Trial, summary: dict[str, Any]) -> None:
+def record_results(trial: optuna.Trial, summary: Mapping[str, Any]) -> None:
     """The trial's results in the study itself (``metrics``: the finite summary numbers,
     test accuracy and sharpness included; ``curves``: per-epoch metrics), so an analysis
     reads one storage, with or without MLflow, on any host."""
@@ -187,9 +130,37 @@ def record_results(trial: optuna.Trial, summary: dict[str, Any]) -> None:
         trial.set_user_attr("curves", curves)
 
 
+def objective_values(value: Any, n_objectives: int) -> float | list[float]:
+    """What the task function returned, as Optuna's value(s); ``RejectedValue`` (with the
+    stock sweeper's wording) for anything else, NaN included."""
+    if n_objectives == 1:
+        try:
+            number = float(value)
+        except (ValueError, TypeError):
+            raise RejectedValue(f"Return value must be float-castable. Got '{value}'.") from None
+        numbers = [number]
+    else:
+        try:
+            numbers = [float(v) for v in value]
+        except (ValueError, TypeError):
+            raise RejectedValue(
+                "Return value must be a list or tuple of float-castable values."
+                f" Got '{value}'."
+            ) from None
+        if len(numbers) != n_objectives:
+            raise RejectedValue(
+                "The number of the values and the number of the objectives are"
+                f" mismatched. Expect {n_objectives}, but actually {len(numbers)}."
+            )
+    if any(math.isnan(v) for v in numbers):
+        raise RejectedValue(f"The objective value is NaN: {value!r}.")
+    return numbers[0] if n_objectives == 1 else numbers
+
+
 @contextlib.contextmanager
 def _trial_log(path: Path) -> Iterator[None]:
-    """The trial's log lines also go to ``<trial dir>/train.log``."""
+    """The trial's log lines also go to ``<trial dir>/<job name>.log``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root = logging.getLogger()
@@ -201,33 +172,40 @@ def _trial_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
-@dataclass
 class Worker:
-    """One worker: a device, a study handle and the warm state it keeps between trials."""
+    """One worker: a device, a study handle and the warm state it keeps between trials.
+    ``Worker.join`` opens the study; ``run`` takes trials until it is full."""
 
-    plan: SweepPlan
-    index: int
-    job_config: DictConfig | None = None
-    host: str = field(default_factory=socket.gethostname)
-    data_cache: DataCache = field(default_factory=DataCache)
-    trials_run: int = 0
-
-    def __post_init__(self) -> None:
-        self._started = time.time()
-        self.device = self.plan.device_for(self.index)  # the sweep's name: logs, tags
+    def __init__(self, job: WorkerJob, index: int, study: optuna.Study) -> None:
+        assert job.study is not None and job.host is not None
+        self.job, self.plan, self.host_plan = job, job.study, job.host
+        self.index = index
+        self.study = study
+        self.host = socket.gethostname()
+        self.data_cache = DataCache()
+        self.trials_run = 0
+        self.device = self.host_plan.device_for(index)  # the sweep's name: logs, tags
         self.compute_device = self.device  # what torch runs on (cuda:0 once isolated)
         self.gpu: str | None = None  # the UUID of the card it runs on, read back from CUDA
-        self.study = optuna.load_study(
-            study_name=self.plan.study_name,
-            storage=open_storage(self.plan.storage,
-                                 heartbeat_interval=self.plan.heartbeat_interval,
-                                 grace_period=self.plan.grace_period,
-                                 max_retry=self.plan.max_retry),
-            sampler=TrialSeededSampler(self.plan.make_sampler, self.plan.sampler_seed),
-            pruner=build_pruner(self.plan.study),
-        )
-        self._loaded = time.time()
         self._current: int | None = None
+        self._started = self._loaded = time.time()
+
+    @classmethod
+    def join(cls, job: WorkerJob, index: int) -> Worker:
+        """Open the study this worker works on (its storage with Optuna's heartbeat)."""
+        started = time.time()
+        plan = job.study
+        assert plan is not None
+        study = optuna.load_study(
+            study_name=plan.study_name,
+            storage=open_storage(plan.storage, heartbeat_interval=plan.heartbeat_interval,
+                                 grace_period=plan.grace_period, max_retry=plan.max_retry),
+            sampler=TrialSeededSampler(plan.make_sampler, plan.sampler_seed),
+            pruner=plan.make_pruner(),
+        )
+        worker = cls(job, index, study)
+        worker._started, worker._loaded = started, time.time()
+        return worker
 
     @property
     def label(self) -> str:
@@ -239,12 +217,13 @@ class Worker:
         the signal that ended it early, else None)."""
         where = self._pin_device()
         ready = time.time()
+        launched = self.host_plan.launched_at
         # Where a worker's start goes (process and imports, study, CUDA): the workers of a
         # host should join together; one that lags shows which step queued.
-        since = (f" {ready - self.plan.launched_at:.1f}s after launch (process "
-                 f"{self._started - self.plan.launched_at:.1f}s, study "
+        since = (f" {ready - launched:.1f}s after launch (process "
+                 f"{self._started - launched:.1f}s, study "
                  f"{self._loaded - self._started:.1f}s, device {ready - self._loaded:.1f}s)"
-                 if self.plan.launched_at else "")
+                 if launched else "")
         log.info(f"Worker {self.label} on {self.device}{where} joined study "
                  f"{self.plan.study_name}{since}")
         stopped = None
@@ -261,11 +240,11 @@ class Worker:
                 state = progress(self.study)
                 if state.done(self.plan.n_trials):
                     break
-                if state.failed > self.plan.max_failures():
+                if state.counted_failures > self.plan.max_failures():
                     raise MaxFailuresExceeded(
-                        f"{state.failed} of {state.finished} finished trials failed, more than "
-                        f"hydra.sweeper.max_failure_rate={self.plan.max_failure_rate} of "
-                        f"n_trials={self.plan.n_trials} allows"
+                        f"{state.counted_failures} of {state.finished} finished trials failed, "
+                        f"more than hydra.sweeper.max_failure_rate={self.plan.max_failure_rate}"
+                        f" of n_trials={self.plan.n_trials} allows"
                     )
                 if not state.has_work(self.plan.n_trials):
                     time.sleep(IDLE_POLL_S)
@@ -305,8 +284,8 @@ class Worker:
             from zsharp_sweeps.sweep.placement import pin_gpu
 
             try:
-                pinned = pin_gpu(self.device, self.plan.device_uuids.get(self.device),
-                                 own_process=os.getpid() != self.plan.main_pid)
+                pinned = pin_gpu(self.device, self.host_plan.device_uuids.get(self.device),
+                                 own_process=os.getpid() != self.host_plan.main_pid)
             except RuntimeError as exc:
                 if "forked subprocess" not in str(exc):
                     raise
@@ -320,10 +299,10 @@ class Worker:
                 log.warning(f"Worker {self.label}: {pinned.note}")
             if pinned.isolated:
                 notes.append(f"{pinned.uuid} only")
-        if self.plan.host_workers > 1:
+        if self.host_plan.workers > 1 and self.host_plan.share_cores:
             from zsharp_sweeps.sweep.placement import share_cores
 
-            threads, cores = share_cores(self.plan.host_workers)
+            threads, cores = share_cores(self.host_plan.workers)
             notes.append(f"{threads} of {cores} cores")
         return f" ({', '.join(notes)})" if notes else ""
 
@@ -345,10 +324,8 @@ class Worker:
             return
         value = ""
         if trial.state == TrialState.COMPLETE:
-            values = trial.values
-            value = ": " + ", ".join(
-                f"{name}={v:.4f}" for name, v in zip(self.plan.objectives, values)
-            )
+            names = self.plan.objectives or ["value"] * len(trial.values)
+            value = ": " + ", ".join(f"{name}={v:.4f}" for name, v in zip(names, trial.values))
         wall = trial.user_attrs.get("wall_s")
         log.info(
             f"trial {trial.number} {trial.state.name.lower()}{value} "
@@ -357,7 +334,7 @@ class Worker:
         )
 
     # ----- one trial -----------------------------------------------------------------------
-    def objective(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+    def objective(self, trial: optuna.Trial) -> float | list[float]:
         self._current = trial.number
         check_stop()
         if is_surplus(self.study, trial.number, self.plan.n_trials):
@@ -383,119 +360,95 @@ class Worker:
         if retried_from(frozen) is not None:
             _retry(self.study, frozen, None)
 
-    def _run(self, trial: optuna.Trial, started: float) -> float | tuple[float, ...]:
-        from zsharp_sweeps.config import validate
-        from zsharp_sweeps.train import objective_values, record_rejected_trial, run_experiment
+    def _compose(self, number: int, overrides: list[str]) -> DictConfig:
+        """The trial's job config, as a launcher composes a job: the master config with the
+        trial's overrides; the job's number is the trial's (its folder, ``hydra.job.num``)."""
+        job = self.job
+        cfg = job.hydra_context.config_loader.load_sweep_config(job.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = f"{cfg.hydra.job.name}_{number}"
+            cfg.hydra.job.num = number
+        return cfg
 
+    def _run(self, trial: optuna.Trial, started: float) -> float | list[float]:
         params = {name: suggest(trial, name, dist) for name, dist in self.plan.space.items()}
         if self.plan.custom_search_space_extender is not None:
-            self.plan.custom_search_space_extender(self.job_config, trial)
+            self.plan.custom_search_space_extender(self.job.config, trial)
             params = dict(trial.params)
-        out_dir = Path(self.plan.sweep_dir) / str(trial.number)
-        # Each trial checkpoints every epoch into its folder.
         overrides = [*self.plan.fixed_overrides,
-                     *(f"{name}={override_value(v)}" for name, v in params.items()),
-                     f"trainer.checkpoint_dir={override_value(str(out_dir / 'checkpoints'))}"]
-        run_name = trial_run_name(trial.number, params)
-        tags = {"study_name": self.plan.study_name, "trial_number": str(trial.number),
-                "worker": self.label}
-        retry_of = retried_from(self._frozen(trial.number))
-        if retry_of is not None:
-            tags["retry_of"] = str(retry_of)
-        context = TrialContext(
-            trial=trial, n_objectives=len(self.plan.objectives), device=self.device,
-            compute_device=self.compute_device,
-            run_name=run_name, out_dir=out_dir, parent_run_id=self.plan.parent_run_id,
-            tags=tags, data_cache=self.data_cache,
-        )
+                     *(f"{name}={override_value(v)}" for name, v in params.items())]
+        cfg = self._compose(trial.number, overrides)
+        out_dir = Path(str(OmegaConf.select(cfg, "hydra.sweep.dir"))) / str(
+            OmegaConf.select(cfg, "hydra.sweep.subdir"))
+        trial.set_user_attr(DIR_ATTR, str(out_dir.resolve()))
+        context = self._context(trial, params, overrides, out_dir)
         epoch_walls: list[float] = []
         context.callbacks.append(lambda epoch, m: epoch_walls.append(m.get("epoch_wall_s", 0.0)))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with _trial_log(out_dir / "train.log"):
-            log.info(f"trial {trial.number} started on {self.device}: {run_name} "
+        context.on_summary.append(lambda summary: record_results(trial, summary))
+        with _trial_log(out_dir / f"{cfg.hydra.job.name}.log"):
+            log.info(f"trial {trial.number} started on {self.device}: {context.run_name} "
                      f"(overrides: {out_dir / '.hydra' / 'overrides.yaml'})")
-            if retry_of is not None:
-                overrides = self._resume_from(retry_of, overrides)
-            cfg = self._compose(overrides, out_dir)
-            if retry_of is not None:
-                close_stale_runs(cfg, self.plan.study_name, retry_of)
             try:
-                train_cfg = validate(cfg)
-            except ConfigError as exc:
-                record_rejected_trial(cfg, overrides, exc, context)
-                raise
-            try:
-                summary = run_experiment(train_cfg, overrides=overrides, context=context)
-                record_results(trial, summary)
+                with use_context(context):
+                    ret = self._run_job(cfg)
+                value = ret.return_value  # the task's exception, if it raised
             finally:
                 wall = time.perf_counter() - started
                 self.trials_run += 1
                 with contextlib.suppress(Exception):
                     trial.set_user_attr("wall_s", wall)
                     trial.set_user_attr("overhead_s", wall - sum(epoch_walls))
-            return objective_values(train_cfg, summary)
-
-    def _resume_from(self, retry_of: int, overrides: list[str]) -> list[str]:
-        """A retry continues from the last checkpoint of the attempt it repeats (same
-        parameters), unless the sweep's settings changed since (then: from epoch 1)."""
-        from hydra import compose
-
-        from zsharp_sweeps.training.checkpoint import prepare_resume
-        from zsharp_sweeps.config import validate
-
-        previous = Path(self.plan.sweep_dir) / str(retry_of) / "checkpoints"
-        if not previous.is_dir():
-            return overrides
-        candidate = [*overrides, f"trainer.resume={override_value(str(previous))}"]
         try:
-            train_cfg = validate(compose(config_name=self.plan.config_name,
-                                         overrides=candidate))
-            resolved = OmegaConf.to_container(OmegaConf.structured(train_cfg), resolve=True)
-            prepare_resume(train_cfg, resolved)
-        except ConfigError as exc:
-            log.warning(f"Retry of trial {retry_of} starts at epoch 1: {exc}")
-            return overrides
-        return candidate
+            return objective_values(value, len(self.plan.directions))
+        except RejectedValue as exc:
+            trial.set_user_attr(REJECTED_ATTR, str(exc))
+            raise
 
-    def _compose(self, overrides: list[str], out_dir: Path) -> DictConfig:
-        """The trial's config, as Hydra would compose it for a job with these overrides;
-        written to ``<sweep dir>/<trial number>/.hydra/`` like a Hydra job's."""
-        from hydra import compose
+    def _run_job(self, cfg: DictConfig) -> JobReturn:
+        """One Hydra job in this process, as Hydra's launchers run one (``run_job`` puts
+        Hydra's config and working directory back afterwards). The worker keeps its own
+        logging: the trial's lines also go to the trial's log file (``_trial_log``)."""
+        job = self.job
+        return run_job(hydra_context=job.hydra_context, task_function=job.task_function,
+                       config=cfg, job_dir_key="hydra.sweep.dir",
+                       job_subdir_key="hydra.sweep.subdir", configure_logging=False)
 
-        cfg = compose(config_name=self.plan.config_name, overrides=list(overrides))
-        hydra_dir = out_dir / ".hydra"
-        hydra_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(cfg, hydra_dir / "config.yaml")
-        OmegaConf.save(OmegaConf.create(list(overrides)), hydra_dir / "overrides.yaml")
-        return cfg
+    def _context(self, trial: optuna.Trial, params: dict[str, Any], overrides: list[str],
+                 out_dir: Path) -> RunContext:
+        """What this project's training needs for the trial, beyond its config."""
+        tags = {"study_name": self.plan.study_name, "trial_number": str(trial.number),
+                "worker": self.label}
+        retry_of = retried_from(self._frozen(trial.number))
+        resume_from = supersedes = None
+        if retry_of is not None:
+            tags["retry_of"] = str(retry_of)
+            previous = self._frozen(retry_of).user_attrs.get(DIR_ATTR)
+            resume_from = Path(previous) / "checkpoints" if previous else None
+            supersedes = {"study_name": self.plan.study_name, "trial_number": str(retry_of)}
+        callbacks = []
+        if self.plan.epoch_metric is not None:
+            callbacks.append(TrialReporter(trial, self.plan.epoch_metric,
+                                           len(self.plan.directions)))
+        return RunContext(
+            device=self.compute_device, device_label=self.device,
+            run_name=trial_run_name(trial.number, params), parent_run_id=self.plan.parent_run_id,
+            tags=tags, overrides=overrides, callbacks=callbacks, data_cache=self.data_cache,
+            checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
+            new_run_on_resume=True, supersedes=supersedes,
+        )
 
 
-@dataclass
-class WorkerJob:
-    """The launcher's task function. The launcher (and its worker processes, see
-    ``prestart``) exists before the study does, so the plan is filled in just before
-    ``launch``, which pickles it to every worker."""
-
-    plan: SweepPlan | None = None
-
-    def __call__(self, cfg: DictConfig) -> dict[str, Any]:
-        assert self.plan is not None, "WorkerJob.plan is set before the launcher runs jobs"
-        return run_worker(cfg, self.plan)
-
-
-def run_worker(cfg: DictConfig, plan: SweepPlan) -> dict[str, Any]:
-    """The launcher's job function: one worker, for as long as the study has trials."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from zsharp_sweeps.training.signals import graceful_stop
-
+def run_worker(job: WorkerJob) -> dict[str, Any]:
+    """The launcher's job: one worker, for as long as the study has trials. Its index is the
+    launcher's job number (Hydra's public ``HydraConfig``: ``hydra.job.num``)."""
+    assert job.host is not None
     try:
         index = int(HydraConfig.get().job.num)
-    except ValueError:  # called outside a Hydra job (tests): one worker
+    except (ValueError, TypeError):  # called outside a Hydra job (tests): one worker
         index = 0
     # Our own "trial N complete: ..." lines say what Optuna's INFO lines say, per worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet_interrupted_trials()
-    with watchdog(plan.stop_file, plan.main_pid, plan.main_host or None), graceful_stop():
-        worker = Worker(plan, index, job_config=cfg)
-        return worker.run()
+    with watchdog(job.host.stop_file, job.host.main_pid, job.host.main_host or None), \
+            graceful_stop():
+        return Worker.join(job, index).run()

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.training.build import AMP_DTYPES, build_step, to_memory_format
 from zsharp_sweeps.training.checkpoint import Checkpointer, TrainingState, restore
-from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.training.console import epoch_line, show_progress_bars
 from zsharp_sweeps.training.schedule import build_scheduler
 from zsharp_sweeps.training.signals import check_stop

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from types import FrameType
 
 __all__ = [
-    "Terminated", "check_stop", "exit_code", "graceful_stop", "sigterm_as_interrupt",
-    "stop_pending",
+    "Stopped", "Terminated", "check_stop", "exit_code", "graceful_stop", "stop_pending",
 ]
 
 
@@ -31,6 +30,15 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGTERM) -> None:
         self.signum = int(signum)
         super().__init__(f"received {signal.Signals(signum).name}")
+
+
+class Stopped(Terminated):
+    """A command stopped by ``signum`` after recording everything; ``str()`` is the one line
+    it says (the command-line edge prints it and exits 128 + ``signum``)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(signum)
+        self.args = (message,)
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -57,6 +65,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 #: The signal a ``graceful_stop`` block received and has not acted on yet.
 _pending: int | None = None
+#: How many ``graceful_stop`` blocks are open (nested ones leave the outer one in charge).
+_depth = 0
 
 
 def _interruption(signum: int) -> KeyboardInterrupt:
@@ -93,14 +103,18 @@ def graceful_stop() -> Iterator[None]:
     training loop checks between steps, so a stop takes effect within one step; a second
     signal stops at once. Off the main thread this is a no-op.
     """
-    global _pending
-    if threading.current_thread() is not threading.main_thread():
+    global _pending, _depth
+    if threading.current_thread() is not threading.main_thread() or _depth:
+        # Off the main thread, or inside another block (a sweep worker runs each trial's
+        # task, which opens its own): the outer block's handlers and pending signal stay.
         yield
         return
     previous = {s: signal.signal(s, _defer) for s in (signal.SIGINT, signal.SIGTERM)}
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         _pending = None

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from zsharp_sweeps.config import ConfigError, TrackingConfig
-from zsharp_sweeps.training.signals import check_stop
 from zsharp_sweeps.tracking import Tracker, flatten
+from zsharp_sweeps.training.signals import check_stop
 from zsharp_sweeps.verdict import collect
 from zsharp_sweeps.verdict.plan import ArmPlan, Stage, build_plan, differences, fingerprint
 from zsharp_sweeps.verdict.runner import (

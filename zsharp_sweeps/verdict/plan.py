@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from zsharp_sweeps.config import ConfigError, TrainConfig, validate
 from zsharp_sweeps.sweep.sampling import corner_values, override_value, parse_search_space
-from zsharp_sweeps.uris import absolute_sqlite_url, sqlite_url
+from zsharp_sweeps.tracking.uris import absolute_sqlite_url, sqlite_url
 from zsharp_sweeps.verdict.settings import VerdictConfig
 
 #: Override keys the verdict sets itself, per arm and stage: a command-line value for them
@@ -131,7 +131,7 @@ def storage_url(settings: VerdictConfig) -> str:
 
 
 def _grid_size(space: dict[str, str]) -> int:
-    distributions = parse_search_space([f"{k}={v}" for k, v in space.items()])
+    distributions = parse_search_space([f"{k}={v}" for k, v in space.items()]).distributions
     return math.prod(len(corner_values(d)) for d in distributions.values())
 
 
@@ -160,7 +160,7 @@ def check_space_corners(base: Sequence[str], space: dict[str, str], where: str) 
     """Compose and validate the arm's config at every edge of every swept value (one moved
     at a time), as the sweeper does, before any study or run exists."""
     try:
-        distributions = parse_search_space([f"{k}={v}" for k, v in space.items()])
+        distributions = parse_search_space([f"{k}={v}" for k, v in space.items()]).distributions
     except Exception as exc:
         raise ConfigError(f"{where}: search space {space} does not parse: {exc}") from None
     corners = {name: corner_values(d) for name, d in distributions.items()}

@@ -15,12 +15,12 @@ import optuna
 
 from zsharp_sweeps.sweep.progress import progress
 from zsharp_sweeps.sweep.quiet import optuna_experimental
-from zsharp_sweeps.uris import sqlite_path
+from zsharp_sweeps.tracking.uris import sqlite_path
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """The storage, created if new (SQLite: its folder too, first touch under a lock)."""
-    from zsharp_sweeps.locks import sqlite_init_lock
+    from zsharp_sweeps.tracking.locks import sqlite_init_lock
 
     path = sqlite_path(url)
     if path is not None:

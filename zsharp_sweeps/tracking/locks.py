@@ -19,7 +19,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from zsharp_sweeps.uris import sqlite_path
+from zsharp_sweeps.tracking.uris import sqlite_path
 
 __all__ = ["is_database_locked", "sqlite_init_lock", "sqlite_initialised"]
 

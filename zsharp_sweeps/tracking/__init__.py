@@ -10,6 +10,7 @@ every call is a no-op, so the fit loop never branches on tracking.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import subprocess
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from zsharp_sweeps.config import ConfigError, TrackingConfig
-from zsharp_sweeps.locks import is_database_locked, sqlite_init_lock
-from zsharp_sweeps.uris import sqlite_path, sqlite_url
+from zsharp_sweeps.tracking.locks import is_database_locked, sqlite_init_lock
+from zsharp_sweeps.tracking.uris import sqlite_path, sqlite_url
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STORE_DIR = "mlruns"
 #: Tags every experiment gets. MLflow 3's UI opens an experiment without a kind on its
@@ -80,7 +83,7 @@ def check_tracking_uri(uri: str, setting: str | None = None) -> None:
     """
     from urllib.parse import urlparse
 
-    from zsharp_sweeps.dburl import check_rdb_url, directory_problem, rdb_dialect
+    from zsharp_sweeps.tracking.dburl import check_rdb_url, directory_problem, rdb_dialect
 
     setting = setting or _uri_setting(uri)
     scheme = urlparse(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
@@ -324,6 +327,38 @@ class Tracker:
     def reopen(self, run_id: str) -> bool:
         """Continue the existing run ``run_id`` (set RUNNING again); False if it is gone."""
         return self._reopen(run_id, {}) is not None
+
+    def _running(self, tags: Mapping[str, str]) -> list[Any]:
+        """This experiment's runs that carry ``tags`` and still say RUNNING."""
+        terms = [f"tags.{override_param_key(k)} = '{v}'" for k, v in tags.items()]
+        terms.append("attributes.status = 'RUNNING'")
+        return _retry(self._client.search_runs, [self.experiment_id],
+                      filter_string=" and ".join(terms))
+
+    def oldest_running(self, tags: Mapping[str, str]) -> str | None:
+        """The first created RUNNING run with ``tags`` (ties: the smallest id): which of the
+        parent runs that hosts started together create for one new study all of them keep."""
+        if not self.enabled:
+            return None
+        runs = self._running(tags)
+        if not runs:
+            return None
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+    def end_running_runs(self, tags: Mapping[str, str]) -> list[str]:
+        """End KILLED the runs with ``tags`` that still say RUNNING: their process died (a
+        SIGKILLed sweep worker, a lost host) before it could end them. Returns their ids."""
+        if not self.enabled:
+            return []
+        ended = []
+        for run in self._running(tags):
+            run_id = run.info.run_id
+            _retry(self._client.set_tag, run_id, "run_state", "KILLED")
+            _retry(self._client.set_terminated, run_id, status="KILLED")
+            log.warning(f"MLflow run {run_id} ({', '.join(f'{k}={v}' for k, v in tags.items())})"
+                        " was left RUNNING by a process that died: ended KILLED")
+            ended.append(run_id)
+        return ended
 
     def discard(self, run_id: str) -> None:
         """Delete a run that should not have been made (a duplicate sweep parent run)."""
