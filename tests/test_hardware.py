@@ -234,3 +234,19 @@ def test_a_second_process_hits_the_compile_cache(tmp_path: Path) -> None:
     assert counts[0].get("fxgraph_cache_miss", 0) >= 1
     assert counts[1].get("fxgraph_cache_hit", 0) >= 1 and not counts[1].get("fxgraph_cache_miss")
     assert (tmp_path / "cache" / "fxgraph").is_dir()
+
+
+def test_building_from_an_unresolved_config_resolves_it() -> None:
+    """``build_parts``/``build_step`` called with ``hardware=auto`` values (a user's own loop)
+    build what a run would: nothing is taken for truthy "auto"."""
+    from zsharp_sweeps.config import ModelConfig
+    from zsharp_sweeps.training.build import build_parts, build_step
+
+    cfg = TrainConfig(data=DataConfig(name="synthetic", synthetic_like="digits",
+                                      synthetic_size=200, val_size=20, batch_size=16),
+                      model=ModelConfig(name="mlp"), hardware=auto_hardware())
+    data, model, optimizer = build_parts(cfg, CPU)
+    step = build_step(cfg, model, optimizer)
+    assert (step.channels_last, step.amp_dtype, step.run is step.eager) == (False, None, True)
+    loss, _ = step(*next(iter(data.train)))
+    assert torch.isfinite(loss)

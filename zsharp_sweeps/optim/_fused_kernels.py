@@ -146,7 +146,7 @@ def absz_select0_kernel(g_ptr, z_ptr, seg_ptr, valid_ptr, mean_ptr, std_ptr, his
         bits = tl.where(offs < valid, bits, 0x7FFFFFFF)  # padding: the integer maximum
         tl.store(z_ptr + row * CHUNK + offs, bits)
         hist += _chunk_histogram(bits, offs < valid, 0, 31, SHIFT, NBINS)
-    tl.atomic_add(hist_ptr + seg * NBINS + tl.arange(0, NBINS), hist)
+    tl.atomic_add(hist_ptr + seg * NBINS + tl.arange(0, NBINS), hist, mask=hist != 0)
 
 
 @triton.jit
@@ -191,8 +191,8 @@ def select_pass_kernel(z_ptr, seg_ptr, valid_ptr, first_ptr, rank_ptr, state_ptr
         a0 += _chunk_histogram(bits, offs < valid, p0, PREV_SHIFT, SHIFT, NBINS)
         a1 += _chunk_histogram(bits, offs < valid, p1, PREV_SHIFT, SHIFT, NBINS)
     bins = tl.arange(0, NBINS)
-    tl.atomic_add(hist_ptr + (PASS * 2) * K * NBINS + seg * NBINS + bins, a0)
-    tl.atomic_add(hist_ptr + (PASS * 2 + 1) * K * NBINS + seg * NBINS + bins, a1)
+    tl.atomic_add(hist_ptr + (PASS * 2) * K * NBINS + seg * NBINS + bins, a0, mask=a0 != 0)
+    tl.atomic_add(hist_ptr + (PASS * 2 + 1) * K * NBINS + seg * NBINS + bins, a1, mask=a1 != 0)
 
 
 @triton.jit
@@ -216,7 +216,8 @@ def _segment_ok(mean_ptr, std_ptr, seg):
     """quantile's NaN rule: a segment with a non-finite statistic keeps nothing."""
     mean = tl.load(mean_ptr + seg)
     std = tl.load(std_ptr + seg)
-    return ((mean - mean) == 0.0) & ((std - std) == 0.0)  # x - x is NaN for inf and NaN
+    big = 3.4028234663852886e38  # the largest float32: |x| <= big is false for inf and NaN
+    return (tl.abs(mean) <= big) & (tl.abs(std) <= big)
 
 
 @triton.jit

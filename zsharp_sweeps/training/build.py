@@ -23,6 +23,7 @@ from zsharp_sweeps.data import DataBundle, build_data
 from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.models import build_model
 from zsharp_sweeps.optim import build_optimizer, train_step
+from zsharp_sweeps.training.hardware import resolve_config
 
 #: ``hardware.precision`` -> the autocast dtype (None: plain fp32).
 AMP_DTYPES: dict[str, torch.dtype | None] = {
@@ -37,6 +38,7 @@ def build_parts(
 ) -> tuple[DataBundle, nn.Module, torch.optim.Optimizer]:
     """The data bundle on ``device`` (``data`` when a sweep worker kept it warm), the model
     sized to it, and its optimizer."""
+    cfg = resolve_config(cfg, device)[0]  # hardware=auto: what the run resolved (no-op if done)
     if data is None:
         data = build_data(cfg.data, device, cfg.seed)
     model = build_model(
@@ -102,8 +104,9 @@ def build_step(
     :class:`CudaGraphStep`). Raises ``ValueError`` naming the settings for a CUDA graph
     without a CUDA device or with fp16 (its GradScaler syncs with the host).
     """
-    hw, tcfg = cfg.hardware, cfg.trainer
     device = next(model.parameters()).device
+    cfg = resolve_config(cfg, device)[0]  # hardware=auto: what the run resolved (no-op if done)
+    hw, tcfg = cfg.hardware, cfg.trainer
     amp_dtype = AMP_DTYPES[hw.precision]
     scaler = torch.amp.GradScaler(device.type) if hw.precision == "fp16" else None
     step_model = torch.compile(model) if hw.compile else model
