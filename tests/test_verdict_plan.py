@@ -166,3 +166,16 @@ def test_a_resume_that_changes_what_is_measured_is_refused(compose_verdict, tmp_
     again = prepared("verdict.optimizers=[sgd,zsharp,sam]", "verdict.reference=sgd",
                      "verdict.n_jobs=4")
     assert set(again.state.get("fingerprint")["arms"]) == {"sgd", "zsharp", "sam"}
+
+
+def test_the_stages_run_on_the_launcher_the_command_line_names(compose_verdict):
+    _s, common, plans, _e = _plan(compose_verdict, "verdict.optimizers=[sgd,zsharp]",
+                                  "+launcher=slurm", "hydra.launcher.partition=gpu")
+    tune = plans[0].tune.overrides
+    assert "+launcher=slurm" in tune and "hydra.launcher.partition=gpu" in tune
+    assert "hydra/launcher=zsharp_workers" not in tune
+    final = plans[0].final(_s, common, {"optimizer.lr": 0.1}, 2, "sqlite:////tmp/x.db",
+                           Path("/tmp/v"), "v")
+    assert "+launcher=slurm" in final.overrides and "optimizer.lr=0.1" in final.overrides
+    _s, _c, plans, _e = _plan(compose_verdict, "verdict.optimizers=[sgd,zsharp]")
+    assert "hydra/launcher=zsharp_workers" in plans[0].tune.overrides  # one host: workers

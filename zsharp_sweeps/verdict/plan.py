@@ -68,6 +68,8 @@ class ArmPlan:
         seeds = ", ".join(str(s) for s in settings.final.seeds)
         chosen = [f"{k}={override_value(v)}" for k, v in best.items()]
         study = f"{verdict_name}.final.{self.name}"
+        launcher = launcher_overrides(common)
+        common = [line for line in common if not is_launcher(line)]
         return Stage(
             kind="final", arm=self.name, study_name=study, n_trials=len(settings.final.seeds),
             sweep_dir=str(root / f"final-{self.name}"),
@@ -75,17 +77,21 @@ class ArmPlan:
                 *common, *self.base_overrides, *chosen, f"trainer.epochs={final_epochs}",
                 "study.pruner=none", f"seed=choice({seeds})",
                 *_sweeper(study, storage, len(settings.final.seeds), settings.n_jobs, "grid",
-                          settings.tune.sampler_seed, str(root / f"final-{self.name}")),
+                          settings.tune.sampler_seed, str(root / f"final-{self.name}"),
+                          launcher),
                 *_tracking(verdict_name, "final", self.name),
             ]),
         )
 
 
 def _sweeper(study: str, storage: str, n_trials: int, n_jobs: int, sampler: str,
-             sampler_seed: int, sweep_dir: str) -> list[str]:
+             sampler_seed: int, sweep_dir: str, launcher: Sequence[str] = ()) -> list[str]:
+    """The stage's sweeper settings; ``launcher``: the user's launcher overrides (e.g.
+    ``+launcher=slurm hydra.launcher.partition=gpu``), else one host's workers."""
     return [
         "hydra/sweeper=zsharp_optuna", f"hydra/sweeper/sampler={sampler}",
-        f"hydra.sweeper.sampler.seed={sampler_seed}", "hydra/launcher=zsharp_workers",
+        f"hydra.sweeper.sampler.seed={sampler_seed}",
+        *(launcher or ["hydra/launcher=zsharp_workers"]),
         "hydra.sweeper.direction=maximize", f"hydra.sweeper.study_name={study}",
         f"hydra.sweeper.storage={override_value(storage)}", f"hydra.sweeper.n_trials={n_trials}",
         f"hydra.sweeper.n_jobs={n_jobs}", "hydra.sweeper.report=false",
@@ -98,6 +104,24 @@ def _tracking(verdict: str, stage: str, arm: str) -> list[str]:
     ``tracking.parent_run_id``: the verdict's run exists only once the plan is checked)."""
     return [f"++tracking.tags.verdict={override_value(verdict)}",
             f"++tracking.tags.verdict_stage={stage}", f"++tracking.tags.verdict_arm={arm}"]
+
+
+def is_launcher(line: str) -> bool:
+    """``launcher=slurm``, ``hydra/launcher=...``, ``hydra.launcher.partition=gpu``: where the
+    stages' workers run, passed on to every stage's sweep."""
+    key = override_key(line)
+    return key in ("launcher", "hydra/launcher") or key.startswith("hydra.launcher.")
+
+
+def launcher_overrides(common: Sequence[str]) -> list[str]:
+    """The launcher part of the command line as a stage's sweep takes it (the ``launcher``
+    group is not in the training config's defaults: ``+launcher=...``)."""
+    out = []
+    for line in common:
+        if not is_launcher(line):
+            continue
+        out.append("+" + line.lstrip("+") if override_key(line) == "launcher" else line)
+    return out
 
 
 def override_key(line: str) -> str:
@@ -113,6 +137,9 @@ def training_overrides(task_overrides: Sequence[str], settings: VerdictConfig) -
     out = []
     for line in task_overrides:
         key = override_key(line)
+        if is_launcher(line):
+            out.append(line)
+            continue
         if key == "verdict" or key.startswith("verdict.") or key.startswith("hydra"):
             continue
         owner = OWNED.get(key) or (OWNED["optimizer"] if key == "optimizer" else None)
@@ -179,15 +206,17 @@ def build_plan(settings: VerdictConfig, common: Sequence[str],
     root = Path(settings.dir).resolve()
     plans = []
     final_epochs = settings.final.epochs
+    launcher = launcher_overrides(common)
+    common = [line for line in common if not is_launcher(line)]
     for name in settings.optimizers:
         base = [*common, *_arm_base(name, settings)]
         composed = _validated(base, f"verdict arm {name}")
         if final_epochs is None:
             final_epochs = composed.trainer.epochs
-        lr = settings.lr_space.get(composed.optimizer.base)
+        lr = settings.lr_space.get(composed.optimizer.base_name)
         if lr is None:
             raise ConfigError(
-                f"verdict.lr_space has no range for optimizer.base={composed.optimizer.base} "
+                f"verdict.lr_space has no range for optimizer.base={composed.optimizer.base_name} "
                 f"(arm {name}): allowed bases here: {', '.join(settings.lr_space)}"
             )
         space = {"optimizer.lr": lr, **settings.arms[name].space}
@@ -204,7 +233,7 @@ def build_plan(settings: VerdictConfig, common: Sequence[str],
             overrides=tuple([
                 *tune_fixed,
                 *_sweeper(study, storage, n_trials, settings.n_jobs, settings.tune.sampler,
-                          settings.tune.sampler_seed, sweep_dir),
+                          settings.tune.sampler_seed, sweep_dir, launcher),
                 *_tracking(settings.name, "tune", name),
                 *(f"{k}={v}" for k, v in space.items()),
             ]),
@@ -219,7 +248,8 @@ def fingerprint(settings: VerdictConfig, common: Sequence[str],
                 plans: Sequence[ArmPlan], final_epochs: int) -> dict[str, Any]:
     """What the verdict's results depend on: a resume with other values would mix settings.
     Resources (workers, devices, concurrency, the reference) may change."""
-    measured = [line for line in common if override_key(line) not in RESOURCE_KEYS]
+    measured = [line for line in common
+                if override_key(line) not in RESOURCE_KEYS and not is_launcher(line)]
     return {
         "protocol": settings.protocol,
         "training": sorted(measured),
