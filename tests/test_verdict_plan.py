@@ -179,3 +179,30 @@ def test_the_stages_run_on_the_launcher_the_command_line_names(compose_verdict):
     assert "+launcher=slurm" in final.overrides and "optimizer.lr=0.1" in final.overrides
     _s, _c, plans, _e = _plan(compose_verdict, "verdict.optimizers=[sgd,zsharp]")
     assert "hydra/launcher=zsharp_workers" in plans[0].tune.overrides  # one host: workers
+
+
+def test_an_arm_whose_tuning_never_completed_fails_in_one_line(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from zsharp_sweeps.config import TrackingConfig
+    from zsharp_sweeps.tracking import Tracker
+    from zsharp_sweeps.verdict.app import Verdict
+    from zsharp_sweeps.verdict.plan import ArmPlan, Stage
+    from zsharp_sweeps.verdict.runner import StageFailed
+    from zsharp_sweeps.verdict.settings import ArmConfig, VerdictConfig
+    from zsharp_sweeps.verdict.state import VerdictState, open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(study_name="v.tune.sgd", storage=storage, direction="maximize")
+    for state in (TrialState.PRUNED, TrialState.FAIL):
+        study.tell(study.ask(), state=state)
+    settings = VerdictConfig(name="v", dir=str(tmp_path), optimizers=["sgd"], reference="sgd",
+                             arms={"sgd": ArmConfig(optimizer="sgd")})
+    plan = ArmPlan("sgd", Stage("tune", "sgd", "v.tune.sgd", 2, str(tmp_path / "tune-sgd"), ()),
+                   ("optimizer=sgd",), {})
+    verdict = Verdict(settings, [], [plan], 2, f"sqlite:///{tmp_path}/optuna.db",
+                      VerdictState(storage, "v"), Tracker(TrackingConfig(enabled=False)), 1)
+    with pytest.raises(StageFailed, match=r"arm sgd: study v.tune.sgd: no tuning trial "
+                                          r"completed \(1 pruned, 1 failed\): see .*sweep.log"):
+        verdict.selected(plan)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from zsharp_sweeps.config import ConfigError, TrackingConfig
-from zsharp_sweeps.tracking import Tracker, flatten
+from zsharp_sweeps.config import flatten
+from zsharp_sweeps.tracking import Tracker
 from zsharp_sweeps.training.signals import check_stop
 from zsharp_sweeps.verdict import collect
 from zsharp_sweeps.verdict.plan import ArmPlan, Stage, build_plan, differences, fingerprint
@@ -76,7 +77,11 @@ class Verdict:
         if chosen is None and self.state.done(plan.tune.study_name, plan.tune.n_trials):
             study = self.state.study(plan.tune.study_name)
             assert study is not None
-            chosen = collect.select_best(study)
+            try:
+                chosen = collect.select_best(study)
+            except ValueError as exc:  # every tuning trial failed or was pruned
+                raise StageFailed(f"arm {plan.name}: {exc}: see "
+                                  f"{Path(plan.tune.sweep_dir) / 'sweep.log'}") from None
             self.state.set(f"selected.{plan.name}", chosen)
             log.info(f"{plan.name}: best of tuning is trial {chosen['trial']} "
                      f"(val {chosen['value']:.4f}): {chosen['params']}")
@@ -268,12 +273,22 @@ def _analyse(v: Verdict, out: Path) -> None:
         final = v.state.study(v.final_stage(plan, chosen).study_name)
         tune = v.state.study(plan.tune.study_name)
         assert final is not None and tune is not None and chosen is not None
-        results += collect.seed_results(plan.name, final)
+        try:
+            results += collect.seed_results(plan.name, final)
+        except ValueError as exc:
+            raise StageFailed(f"analysis: {exc}") from None
         budgets.append(collect.arm_budget(plan.name, tune, chosen, device_s))
         for study in (tune, final):
             e, w = collect.epoch_seconds(study)
             epoch_s, worker_s = epoch_s + e, worker_s + w
-    verdict = summarize(results, budgets, v.settings.reference)
+    try:
+        verdict = summarize(results, budgets, v.settings.reference)
+    except ValueError as exc:  # e.g. a final run failed: its seed does not pair
+        raise StageFailed(
+            f"analysis: {exc} (a final run that failed is not retried by a rerun: see "
+            f"{v.root}/final-<arm>/sweep.log; to run that arm's seeds again: optuna "
+            f"delete-study --storage {v.storage_url} --study-name {v.settings.name}.final.<arm>)"
+        ) from None
     check_stop()
     paths = write_verdict(verdict, out)
     cost = _cost(v, epoch_s, worker_s)
