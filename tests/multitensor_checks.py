@@ -17,7 +17,7 @@ import torch
 from zsharp_sweeps.optim import ZSharp, multitensor
 from zsharp_sweeps.optim.threshold import SegmentLayout
 
-QS = (0.0, 0.3333, 0.7, 0.95, 0.999)
+QS = (0.0, 0.3333, 0.95, 0.999)
 
 
 def official(g: torch.Tensor, q: float) -> tuple[torch.Tensor, torch.Tensor]:
