@@ -242,9 +242,10 @@ class ZSharp(SAMBase):
         grads = [p.grad for p, _ in items]
         rhos = [group["rho"] for _, group in items]
         if isinstance(stats, multitensor.FilterBuffers):
-            # |z| to e in ten kernels; the same kept set bit for bit.
-            self._early_stats.join(device)
+            # |z| to e in ten kernels; the same kept set bit for bit. The packing overlaps
+            # the statistics' side streams; the kernels wait for them.
             packed, orders = multitensor.pack(stats.layout, grads, stats.zeros)
+            self._early_stats.join(device)
             e2d = multitensor.zscore_perturbation(
                 packed, stats, self._rho_vector(rhos, stats.layout), norm.to(dtype)
             )
