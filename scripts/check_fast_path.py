@@ -15,18 +15,18 @@ from dataclasses import replace
 
 import torch
 
-from zsharp_sweeps.training.build import build_parts, build_step
 from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
     ModelConfig,
-    OptimizerConfig,
     SharpnessConfig,
     TrainConfig,
     TrainerConfig,
+    optimizer_config,
 )
-from zsharp_sweeps.training.engine import fit
 from zsharp_sweeps.tables import format_table
+from zsharp_sweeps.training.build import build_parts, build_step
+from zsharp_sweeps.training.engine import fit
 
 
 def _parts(cfg: TrainConfig, device: torch.device):
@@ -54,7 +54,7 @@ def main() -> None:
     base = TrainConfig(
         data=DataConfig(name="digits", image_size=16, val_size=200, batch_size=64),
         model=ModelConfig(name="resnet20"),
-        optimizer=OptimizerConfig(name="zsharp", lr=0.1),
+        optimizer=optimizer_config(name="zsharp", lr=0.1),
         trainer=TrainerConfig(epochs=3, progress=False),
         sharpness=SharpnessConfig(sam=False),
         hardware=HardwareConfig(device=args.device),

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from zsharp_sweeps.config import BASE_OPTIMIZERS as PLAIN
 from zsharp_sweeps.config import validate
 from zsharp_sweeps.graphs import _optimizers, state_addresses, state_tensors
 from zsharp_sweeps.optim import FriendlySAM, is_sam_family, train_step
 from zsharp_sweeps.optim.checks import FILTERS
-from zsharp_sweeps.optim.factory import PLAIN
 from zsharp_sweeps.training.build import build_parts
 
 from .conftest import CONF_DIR

@@ -274,6 +274,35 @@ def test_resuming_a_run_the_store_lost_starts_a_new_run_with_the_whole_history(
         assert again[key] == first[key]
 
 
+def test_a_retried_trial_with_another_trials_per_gpu_resumes_from_its_checkpoints(
+    make_cfg, mlflow_uri: str, experiment_name: str, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A sweep resumed with another hardware.trials_per_gpu (where trials run, not what they
+    compute) continues its retried trials from their checkpoints, as a sweep worker hands
+    them over (RunContext.resume_from); another optimizer.lr starts them at epoch 1."""
+    from zsharp_sweeps.training.context import RunContext
+
+    ckpt = tmp_path / "ckpt"
+    base = [*TINY, "model=mlp", "model.params.hidden=16", "optimizer=sgd", "trainer.epochs=2",
+            "sharpness=none", f"trainer.checkpoint_dir={ckpt}"]
+    first = run_training(make_cfg(base))
+    retry = RunContext(resume_from=ckpt, checkpoint_dir=tmp_path / "retry",
+                       new_run_on_resume=True, run_name="t1 retry")
+    with caplog.at_level("INFO"):
+        again = run_training(make_cfg([*base, "hardware.trials_per_gpu=2"]), retry)
+    assert "resuming from" in caplog.text and "after epoch 2" in caplog.text
+    client = MlflowClient(mlflow_uri)
+    assert client.get_run(again["run_id"]).data.tags["resumed_from"] == first["run_id"]
+    assert again["best_val_acc"] == first["best_val_acc"]  # nothing trained again
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        fresh = run_training(make_cfg([*base, "optimizer.lr=0.2"]), retry)
+    assert "t1 retry starts at epoch 1" in caplog.text and "optimizer.lr" in caplog.text
+    assert "resumed_from" not in client.get_run(fresh["run_id"]).data.tags
+
+
 def _mlflow_epochs(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 

@@ -109,3 +109,62 @@ def test_every_sweep_composes_with_our_sweeper(sweep: str) -> None:
     assert cfg.hydra.sweep.dir == f"multirun/{sweeper.study_name}"
     assert sweeper.params, "a sweep without a search space"
     validate(cfg)
+
+
+def test_the_schema_is_a_leaf_that_loads_no_torch() -> None:
+    """``import zsharp_sweeps.config`` imports nothing else of the package, so no torch (the
+    import-linter contracts in pyproject.toml keep it so; this checks the result)."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    code = ("import sys, zsharp_sweeps.config\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('zsharp_sweeps')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO, timeout=120).stdout
+    loaded = eval(out)  # noqa: S307  (our own print of a list of names)
+    assert "torch" not in loaded
+    assert all(m == "zsharp_sweeps" or m.startswith("zsharp_sweeps.config") for m in loaded), loaded
+
+
+def test_the_registries_name_what_the_schema_names() -> None:
+    from zsharp_sweeps.config import DATASETS, MODELS, OPTIMIZER_SCHEMAS
+    from zsharp_sweeps.data import SPECS
+    from zsharp_sweeps.models import MODELS as REGISTERED_MODELS
+    from zsharp_sweeps.optim.registry import optimizer_names
+
+    assert tuple(SPECS) == DATASETS
+    assert set(REGISTERED_MODELS) == set(MODELS)
+    assert set(optimizer_names()) == set(OPTIMIZER_SCHEMAS)
+
+
+def test_a_bad_model_name_or_parameter_is_refused_before_anything_is_built() -> None:
+    from zsharp_sweeps.training.run import check_config
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        with pytest.raises(ConfigError, match="model.name='resnet21' is invalid"):
+            validate(compose(config_name="config", overrides=["model.name=resnet21"]))
+        cfg = validate(compose(config_name="config",
+                               overrides=["data=digits", "model=mlp", "model.params.hidden=0"]))
+        with pytest.raises(ConfigError, match="model.params.hidden=0 is invalid"):
+            check_config(cfg)  # the constructor's own check, on the meta device
+        cfg = validate(compose(config_name="config",
+                               overrides=["data=digits", "model=mlp", "+model.params.width=3"]))
+        with pytest.raises(ConfigError, match="model.params.width is not a parameter"):
+            check_config(cfg)
+        cfg = validate(compose(config_name="config", overrides=["data.val_size=50000"]))
+        with pytest.raises(ConfigError, match="data.val_size=50000 is invalid: allowed < 50000"):
+            check_config(cfg)
+
+
+@pytest.mark.parametrize("option", _options("optimizer"))
+def test_each_optimizer_option_sets_its_schemas_defaults(option: str) -> None:
+    """conf/optimizer/<name>.yaml spells out its schema's defaults: what optimizer_shared
+    compares against to tell a value someone gave from the option's own."""
+    from zsharp_sweeps.config import OPTIMIZER_SCHEMAS
+
+    own = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optimizer" / f"{option}.yaml"))
+    own.pop("defaults")
+    defaults = dataclasses.asdict(OPTIMIZER_SCHEMAS[option]())
+    assert {k: defaults[k] for k in own} == own

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zsharp_sweeps.config import DataConfig, ModelConfig, OptimizerConfig
+from zsharp_sweeps.config import DataConfig, ModelConfig, optimizer_config
 from zsharp_sweeps.data import build_data
 from zsharp_sweeps.models import build_model
 from zsharp_sweeps.optim import build_optimizer, train_step
@@ -33,7 +33,7 @@ def _first_steps(
     model = build_model(ModelConfig(name="resnet20"), in_channels=1, num_classes=10, image_size=16)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, lr=0.05), model)
+    optimizer = build_optimizer(optimizer_config(name=optimizer_name, lr=0.05), model)
     losses = []
     for step, (x, y) in enumerate(data.train):
         if step == STEPS:

@@ -8,8 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from zsharp_sweeps.config import OPTIMIZERS, OptimizerConfig
+from zsharp_sweeps.config import OPTIMIZER_SCHEMAS, optimizer_config
 from zsharp_sweeps.optim import build_optimizer, is_sam_family, train_step
+
+OPTIMIZERS = tuple(OPTIMIZER_SCHEMAS)
 
 CE = nn.functional.cross_entropy
 SAM_FAMILY = [n for n in OPTIMIZERS if n not in ("sgd", "adam", "adamw")]
@@ -40,7 +42,7 @@ def _weights(model: nn.Module) -> list[torch.Tensor]:
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_train_step_runs_for_every_optimizer(name: str, amp: torch.dtype | None) -> None:
     model, (x, y) = _net(), _batch()
-    opt = build_optimizer(OptimizerConfig(name=name, lr=0.01), model)
+    opt = build_optimizer(optimizer_config(name=name, lr=0.01), model)
     assert is_sam_family(opt) == (name in SAM_FAMILY)
     before = _weights(model)
     loss, logits = train_step(model, opt, CE, x, y, amp_dtype=amp)
@@ -56,7 +58,7 @@ def test_second_pass_bn_statistics(freeze: bool) -> None:
     model, (x, y) = _net(), _batch()
     one_pass = copy.deepcopy(model)
     one_pass(x)  # what the first pass alone does to the statistics
-    opt = build_optimizer(OptimizerConfig(name="zsharp", lr=0.01), model)
+    opt = build_optimizer(optimizer_config(name="zsharp", lr=0.01), model)
     train_step(model, opt, CE, x, y, freeze_bn_second_pass=freeze)
     bn, ref = model[1], one_pass[1]
     assert bn.track_running_stats  # restored after the second pass
@@ -76,7 +78,7 @@ def test_second_pass_bn_statistics(freeze: bool) -> None:
 def test_fp16_overflow_skips_the_step_and_keeps_weights_exact(name: str, bad_pass: int) -> None:
     """An inf/NaN in either pass: no step, weights and optimizer state exactly as before."""
     model, (x, y) = _net(), _batch()
-    opt = build_optimizer(OptimizerConfig(name=name, lr=0.05), model)
+    opt = build_optimizer(optimizer_config(name=name, lr=0.05), model)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     train_step(model, opt, CE, x, y, amp_dtype=torch.float16, scaler=scaler)  # a normal step
     weights, opt_state = _weights(model), copy.deepcopy(opt.state_dict())
@@ -112,7 +114,7 @@ def test_steady_state_step_never_reads_tensors_on_the_host(
     layouts), a full SAM-family step must not read a tensor's value on the host (item, tolist,
     bool, float, int, nonzero, or a copy to the CPU)."""
     model, (x, y) = _net(), _batch()
-    opt = build_optimizer(OptimizerConfig(name=name, lr=0.01), model)
+    opt = build_optimizer(optimizer_config(name=name, lr=0.01), model)
     if hasattr(opt, "threshold_method"):
         opt.threshold_method = "radix"  # what accelerators use (auto picks it off the CPU)
     train_step(model, opt, CE, x, y)
@@ -127,7 +129,7 @@ def test_steady_state_step_never_reads_tensors_on_the_host(
 
 def test_grad_clip_bounds_the_descent_gradient() -> None:
     model, (x, y) = _net(), _batch()
-    opt = build_optimizer(OptimizerConfig(name="sam", lr=1.0, momentum=0.0, weight_decay=0.0), model)
+    opt = build_optimizer(optimizer_config(name="sam", lr=1.0, momentum=0.0, weight_decay=0.0), model)
     before = _weights(model)
     train_step(model, opt, CE, x, y, grad_clip=1e-3)
     moved = torch.cat([(p - b).reshape(-1) for p, b in zip(model.parameters(), before, strict=True)])
@@ -161,7 +163,7 @@ def test_torch_is_inside_the_range_where_the_gradscaler_internals_were_checked()
 
 def test_the_gradscaler_internals_step_py_reads_exist() -> None:
     model, (x, y) = _net(), _batch()
-    opt = build_optimizer(OptimizerConfig(name="sgd", lr=0.01), model)
+    opt = build_optimizer(optimizer_config(name="sgd", lr=0.01), model)
     scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     scaler.scale(CE(model(x), y)).backward()
     scaler.unscale_(opt)

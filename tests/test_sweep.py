@@ -21,6 +21,7 @@ from zsharp_sweeps.sweep.progress import SURPLUS_ATTR, counted_trials
 
 from .sweep_helpers import (
     STUDY,
+    SWEEP,
     env,
     load_study,
     mlflow_runs,
@@ -218,11 +219,21 @@ def test_spawned_workers_run_the_sweep_too(cwd: Path) -> None:
     assert all(t.user_attrs.get(SURPLUS_ATTR) for t in trials if t not in counted_trials(trials))
 
 
-def test_invalid_swept_value_is_refused_before_anything_is_created(cwd: Path) -> None:
-    proc = run_sweep(cwd, "optimizer.momentum=choice(0.9,1.5)", check=False)
+@pytest.mark.parametrize(
+    ("swept", "named"),
+    [("optimizer.momentum=choice(0.9,1.5)", "optimizer.momentum=1.5"),
+     # A model parameter its constructor refuses: checked with the model built on the meta
+     # device, before the study, the parent run or any trial exists.
+     ("model.params.hidden=choice(32,0)", "model.params.hidden=0")],
+)
+def test_invalid_swept_value_is_refused_before_anything_is_created(
+    cwd: Path, swept: str, named: str
+) -> None:
+    base = tuple(o for o in SWEEP if not o.startswith("model.params.hidden"))
+    proc = run_sweep(cwd, swept, check=False, base=base)
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "optimizer.momentum=1.5" in lines[0], proc.stderr[-2000:]
+    assert len(lines) == 1 and named in lines[0], proc.stderr[-2000:]
     assert not (cwd / "multirun" / STUDY / "optuna.db").exists()
     assert mlflow_runs(cwd)[1:] == ([], [])
 

@@ -16,11 +16,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps import train
-from zsharp_sweeps.config import OPTIMIZERS
+from zsharp_sweeps.config import OPTIMIZER_SCHEMAS
 from zsharp_sweeps.training.engine import NonFiniteLossError
 from zsharp_sweeps.training.run import run_training
 
 from .conftest import REPO
+
+OPTIMIZERS = tuple(OPTIMIZER_SCHEMAS)
 
 EPOCH_METRICS = [
     "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
@@ -153,6 +155,27 @@ def test_entry_point_bad_input_exits_nonzero_and_writes_nothing(
     assert info.value.code == status
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_bad_model_parameter_exits_2_and_leaves_no_mlflow_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    mlflow_uri: str, experiment_name: str,
+) -> None:
+    """model.params is checked (the model built on the meta device) before any MLflow run
+    opens: the store holds no run, FAILED or otherwise."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [
+        "zsharp_sweeps.train", "data=digits", "hardware=cpu", "model=mlp",
+        "model.params.hidden=0", f"tracking.uri={mlflow_uri}",
+        f"tracking.experiment={experiment_name}"])
+    with pytest.raises(SystemExit) as info:
+        train.main()
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: model.params.hidden=0 is invalid: allowed an int >= 1.")
+    experiment = MlflowClient(mlflow_uri).get_experiment_by_name(experiment_name)
+    assert experiment is None or not MlflowClient(mlflow_uri).search_runs(
+        [experiment.experiment_id])
 
 
 def test_seeds_repeat_a_configuration_and_report_mean_and_std(

@@ -40,9 +40,9 @@ from zsharp_sweeps.config import (
     DataConfig,
     HardwareConfig,
     ModelConfig,
-    OptimizerConfig,
     TrainConfig,
     TrainerConfig,
+    optimizer_from,
 )
 from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.training.build import TrainingStep, build_parts, build_step
@@ -107,8 +107,9 @@ def bench_config(s: BenchSettings, optimizer_name: str) -> TrainConfig:
         data=DataConfig(name="synthetic", synthetic_like=s.data, synthetic_size=size + 64,
                         val_size=64, batch_size=s.batch_size, image_size=s.image_size),
         model=ModelConfig(name=s.model),
-        optimizer=OptimizerConfig(name=optimizer_name, lr=0.01, bn_second_pass=s.bn_second_pass,
-                                  kernels=kernels),
+        # bn_second_pass and kernels for the optimizers that have them (optimizer_shared)
+        optimizer=optimizer_from({"name": optimizer_name, "lr": 0.01},
+                                 {"bn_second_pass": s.bn_second_pass, "kernels": kernels}),
         hardware=HardwareConfig(device=s.device, precision=s.precision,
                                 channels_last=s.channels_last, compile=s.compile,
                                 cuda_graph=s.cuda_graph),

@@ -32,7 +32,6 @@ from zsharp_sweeps.data import build_data
 from zsharp_sweeps.graphs import CudaGraphStep
 from zsharp_sweeps.optim import build_optimizer, train_step
 from zsharp_sweeps.optim.checks import FILTERS
-from zsharp_sweeps.optim.factory import PLAIN
 
 from ..test_capture_safety import YAMLS
 
@@ -195,7 +194,7 @@ def test_compiled_cuda_graph_gives_the_compiled_eager_parameters(
     print(f"MATRIX {option}{overrides} {precision} compile vs plain after 1 step: max |diff| "
           f"{_max_diff(first, plain_first):.3g}")
     bound = dict(COMPILE_BOUND[precision])
-    if (cfg.name if cfg.name in PLAIN else cfg.base) != "sgd":
+    if cfg.base_name != "sgd":
         # Adam's first update is lr * g / |g| per entry: where a gradient is rounding noise,
         # compiled and plain kernels can give it opposite signs, a difference of 2 lr.
         bound["atol"] = max(bound["atol"], 2 * cfg.lr)

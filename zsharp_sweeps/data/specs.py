@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from zsharp_sweeps.config.checks import DATASETS
+
 __all__ = ["DatasetSpec", "SPECS", "get_spec"]
 
 
@@ -88,6 +90,11 @@ SPECS: dict[str, DatasetSpec] = {
         train_images=1437,
     ),
 }
+
+
+if tuple(SPECS) != DATASETS:  # the schema's data.name is checked against this table's names
+    raise ImportError(f"zsharp_sweeps/config/checks.py DATASETS={DATASETS} but the dataset "
+                      f"table has {tuple(SPECS)}")
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -19,7 +19,9 @@ from typing import Any, Protocol, TypeVar
 
 from torch import nn
 
+from zsharp_sweeps.config import MODELS as MODEL_NAMES
 from zsharp_sweeps.config import ConfigError
+from zsharp_sweeps.config.checks import check
 
 # Arguments every constructor receives from the dataset, never from ``model.params``.
 DATASET_ARGS: tuple[str, ...] = ("in_channels", "num_classes", "image_size")
@@ -51,6 +53,9 @@ def register_model(name: str) -> Callable[[F], F]:
         missing = [a for a in DATASET_ARGS if a not in params]
         if missing:
             raise TypeError(f"model constructor {fn.__qualname__} lacks arguments {missing}")
+        if name not in MODEL_NAMES:
+            raise ValueError(f"model {name!r} is not in zsharp_sweeps/config/checks.py: MODELS "
+                             "(the names model.name is checked against): add it there")
         MODELS[name] = fn
         return fn
 
@@ -134,11 +139,7 @@ def check_param(ok: bool, key: str, value: Any, allowed: str, hint: str = "") ->
     head count that does not divide the width) fails while building, with the setting
     named, not later as a shape error in the first forward pass.
     """
-    if not ok:
-        msg = f"model.params.{key}={value!r} is invalid: allowed {allowed}."
-        if hint:
-            msg += f" {hint}"
-        raise ConfigError(msg)
+    check(ok, f"model.params.{key}", value, allowed, hint)
 
 
 def check_positive_int(key: str, value: Any) -> None:

@@ -49,10 +49,6 @@ def _adam(cfg: OptimizerConfig, capturable: bool) -> tuple[type[torch.optim.Opti
     return torch.optim.Adam, _adam_kwargs(cfg, capturable)
 
 
-#: The plain (one-pass) optimizers: the registered bases.
-PLAIN = tuple(BASES)
-
-
 def base_optimizer(
     name: str, cfg: OptimizerConfig, capturable: bool = False
 ) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:

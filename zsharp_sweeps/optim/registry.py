@@ -1,11 +1,13 @@
 """Optimizer names -> builders: the one table that ``optimizer.name`` and ``optimizer.base``
 are resolved against.
 
-Why a registry: the config schema (which names are allowed), the factory (how a name becomes
-an optimizer) and the error messages must agree. Each optimizer registers its own builder
-next to its class, so adding one is its module (class + ``@register_sam``), its import in
-``zsharp_sweeps/optim/__init__.py`` and ``conf/optimizer/<name>.yaml``; nothing else lists
-names. No config import at run time: the builders receive an ``OptimizerConfig``-like object.
+Why a registry: the config schema (which names and settings are allowed), the factory (how a
+name becomes an optimizer) and the error messages must agree. Each optimizer registers its own
+builder next to its class, so adding one is its module (class + ``@register_sam``), its import
+in ``zsharp_sweeps/optim/__init__.py``, its schema and ``conf/optimizer/<name>.yaml``; nothing
+else lists names but the schema (``zsharp_sweeps.config.OPTIMIZER_SCHEMAS``, one per
+optimizer), which every registered name must have. The builders receive that optimizer's
+config.
 """
 
 from __future__ import annotations
@@ -38,9 +40,15 @@ SAM_FAMILY: dict[str, SamBuilder] = {}
 
 
 def _register(table: dict[str, Any], name: str) -> Callable[[B], B]:
+    from zsharp_sweeps.config import OPTIMIZER_SCHEMAS
+
     def add(builder: B) -> B:
         if name in BASES or name in SAM_FAMILY:
             raise ValueError(f"optimizer {name!r} is registered twice")
+        if name not in OPTIMIZER_SCHEMAS:
+            raise ValueError(
+                f"optimizer {name!r} has no schema: add its settings to OPTIMIZER_SCHEMAS in "
+                "zsharp_sweeps/config/schema.py (and conf/optimizer/<name>.yaml)")
         table[name] = builder
         return builder
 

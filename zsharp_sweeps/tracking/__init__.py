@@ -141,18 +141,6 @@ def _artifact_root_for(uri: str) -> str | None:
     return None if db is None else (db.parent / "artifacts").resolve().as_uri()
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mapping -> dotted keys (``optimizer.rho``), lists kept as their string form."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def override_param_key(override_key: str) -> str:
     """Any key as an MLflow param/metric/tag name: ``+sweep`` -> ``sweep``; MLflow allows
     only alphanumerics, ``_-. :/`` in names. Every key the Tracker writes goes through it."""

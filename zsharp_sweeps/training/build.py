@@ -111,7 +111,7 @@ def build_step(
     scaler = torch.amp.GradScaler(device.type) if hw.precision == "fp16" else None
     step_model = torch.compile(model) if hw.compile else model
     label_smoothing = tcfg.label_smoothing
-    freeze_bn = cfg.optimizer.bn_second_pass == "freeze"
+    freeze_bn = getattr(cfg.optimizer, "bn_second_pass", "freeze") == "freeze"
 
     def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)

@@ -45,8 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from zsharp_sweeps.config import KEEP_CHECKPOINTS, ConfigError, TrainConfig
-from zsharp_sweeps.tracking import flatten
+from zsharp_sweeps.config import KEEP_CHECKPOINTS, ConfigError, TrainConfig, flatten
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ _NAME = re.compile(r"^epoch-(\d+)\.pt$")
 RESUME_MAY_DIFFER: tuple[str, ...] = (
     "trainer.checkpoint", "trainer.checkpoint_dir", "trainer.resume", "trainer.keep_checkpoints",
     "trainer.progress", "tracking.", "study.", "hardware.device", "hardware.num_threads",
+    "hardware.trials_per_gpu",
 )
 
 

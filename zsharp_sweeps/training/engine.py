@@ -161,7 +161,9 @@ def fit(
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(
                 f"training loss is {train_loss} at epoch {epoch}: the run diverged "
-                f"(optimizer.lr={cfg.optimizer.lr}, optimizer.rho={cfg.optimizer.rho})"
+                f"(optimizer.lr={cfg.optimizer.lr}"
+                + (f", optimizer.rho={cfg.optimizer.rho})" if hasattr(cfg.optimizer, "rho")
+                   else ")")
             )
         scheduler.step()
         if data.val is not None:

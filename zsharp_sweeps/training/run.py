@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from zsharp_sweeps.config import ConfigError, TrainConfig, section, validate
+from zsharp_sweeps.config import ConfigError, TrainConfig, flatten, section, validate
 from zsharp_sweeps.data import ensure_available, get_spec
 from zsharp_sweeps.metrics.sharpness import compute_sharpness
-from zsharp_sweeps.tracking import Tracker, flatten, git_commit, overrides_as_params
+from zsharp_sweeps.tracking import Tracker, git_commit, overrides_as_params
 from zsharp_sweeps.training.build import build_parts, check_graphable
 from zsharp_sweeps.training.checkpoint import (
     Checkpointer,

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zsharp_sweeps.config import ConfigError, TrackingConfig
-from zsharp_sweeps.config import flatten
+from zsharp_sweeps.config import ConfigError, TrackingConfig, flatten
 from zsharp_sweeps.tracking import Tracker
 from zsharp_sweeps.training.signals import check_stop
 from zsharp_sweeps.verdict import collect

@@ -1,53 +1,47 @@
-"""Structured-config schemas for every config group, and their validation.
+"""Structured-config schemas for every config group, and their range checks.
 
-Why dataclasses: Hydra composes YAML from ``conf/``; merging the result onto these
-schemas (``validate``) type-checks every value and runs each ``__post_init__`` range
-check *before* any data is loaded or any MLflow run is opened, so bad input fails
-fast with a message that names the setting and what is allowed.
+Why dataclasses: Hydra composes YAML from ``conf/``; merging the result onto these schemas
+(``zsharp_sweeps.config.validate``) type-checks every value and runs each ``__post_init__``
+range check *before* any data is loaded or any MLflow run is opened, so bad input fails fast
+with a message that names the setting and what is allowed. A leaf: nothing of the package is
+imported, so ``import zsharp_sweeps.config`` loads no torch; the registries (datasets,
+models, optimizers) check their names against the ones named here.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
-from zsharp_sweeps.optim.checks import (
+from zsharp_sweeps.config.checks import (
+    BASE_OPTIMIZERS,
+    DATASETS,
     FILTERS,
     KERNELS,
+    MODELS,
     THRESHOLD_METHODS,
+    ConfigError,
+    check,
     check_one_of,
     check_percentile,
     check_rho,
     check_stats_streams,
 )
-from zsharp_sweeps.optim.registry import BASES, optimizer_names
-
-
-class ConfigError(ValueError):
-    """A config value is out of its allowed range; the message names the setting."""
 
 
 def _check(ok: bool, setting: str, value: Any, allowed: str, hint: str = "") -> None:
-    if not ok:
-        msg = f"{setting}={value!r} is invalid: allowed {allowed}."
-        if hint:
-            msg += f" {hint}"
-        raise ConfigError(msg)
+    check(ok, setting, value, allowed, hint)
 
 
 def _one_of(setting: str, value: str, options: tuple[str, ...]) -> None:
-    _check(value in options, setting, value, "one of " + ", ".join(options))
+    check_one_of(value, options, setting)
 
 
 def dataset_names() -> tuple[str, ...]:
-    """Every valid ``data.name``: the datasets of ``zsharp_sweeps/data/specs.py`` (their one
-    table), then ``synthetic``, which imitates any of them."""
-    from zsharp_sweeps.data.specs import SPECS  # here, not at the top: data imports config
-
-    return (*SPECS, "synthetic")
+    """Every valid ``data.name``: the datasets of the dataset table, then ``synthetic``,
+    which imitates any of them."""
+    return (*DATASETS, "synthetic")
 
 
 @dataclass
@@ -107,70 +101,217 @@ class ModelConfig:
     name: str = "resnet20"
     params: dict[str, Any] = field(default_factory=dict)
 
-
-# The registered optimizers (zsharp_sweeps/optim/registry.py): one table, no list kept here.
-OPTIMIZERS = optimizer_names()
-BASE_OPTIMIZERS = tuple(BASES)
-ZSHARP_FILTERS = FILTERS
+    def __post_init__(self) -> None:
+        _one_of("model.name", self.name, MODELS)
 
 
+# ----- optimizers: one schema per option of conf/optimizer/ --------------------------------
 @dataclass
 class OptimizerConfig:
-    """The optimizer and its base; SAM-family settings are ignored by plain ones."""
+    """What every optimizer has. Each optimizer's schema below adds its own settings, so a
+    setting an optimizer does not have is refused, naming it (``optimizer.percentile`` for
+    SAM). A setting several optimizers of one sweep share is given once as
+    ``optimizer_shared.<key>`` (``zsharp_sweeps.config.validate``)."""
 
-    name: str = "zsharp"
-    base: str = "sgd"
+    name: str = "sgd"
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
     weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    # SAM family.
-    rho: float = 0.05
-    adaptive: bool = False
-    eta: float = 0.01
-    # ZSharp: keep entries whose |z| is strictly above the `percentile` quantile.
-    percentile: float = 0.95
-    filter: str = "zscore"
-    filter_seed: int = 0
-    # ZSharp's implementation (same kept entries whichever is chosen): the order-statistic
-    # method, CUDA side streams for per-tensor statistics, Triton or plain PyTorch kernels.
-    threshold_method: str = "auto"
-    stats_streams: int = 8
-    kernels: str = "auto"
-    # Friendly-SAM.
-    sigma: float = 1.0
-    lmbda: float = 0.9
-    # BatchNorm running statistics in the second (perturbed) pass: "freeze" (davda54/sam's
-    # advice) or "update" (the official ZSharp code's behaviour).
-    bn_second_pass: str = "freeze"
 
     def __post_init__(self) -> None:
-        _one_of("optimizer.name", self.name, optimizer_names())
-        _one_of("optimizer.base", self.base, tuple(BASES))
+        _one_of("optimizer.name", self.name, tuple(OPTIMIZER_SCHEMAS))
         _check(
             self.lr > 0 and math.isfinite(self.lr), "optimizer.lr", self.lr, "a finite value > 0"
         )
-        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "[0, 1)")
         _check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, ">= 0")
-        _check(
-            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            "optimizer.betas", list(self.betas), "two values in [0, 1)",
-        )
-        # The optimizers' own checks (zsharp_sweeps/optim/checks.py), with the config's names.
+
+    @property
+    def base_name(self) -> str:
+        """The torch optimizer that takes the descent step: ``base`` for the SAM family, the
+        optimizer itself otherwise."""
+        return getattr(self, "base", self.name)
+
+    @classmethod
+    def settings(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _check_sgd(cfg: Any) -> None:
+    _check(0 <= cfg.momentum < 1, "optimizer.momentum", cfg.momentum, "[0, 1)")
+
+
+def _check_adam(cfg: Any) -> None:
+    _check(
+        len(cfg.betas) == 2 and all(0 <= b < 1 for b in cfg.betas),
+        "optimizer.betas", list(cfg.betas), "two values in [0, 1)",
+    )
+    _check(cfg.eps > 0, "optimizer.eps", cfg.eps, "> 0")
+
+
+@dataclass
+class SGDConfig(OptimizerConfig):
+    """Plain SGD with momentum (the baseline of the SAM replications)."""
+
+    name: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_sgd(self)
+
+
+@dataclass
+class AdamConfig(OptimizerConfig):
+    """``torch.optim.Adam`` (coupled L2 decay: the ZSharp paper's "AdamW" baseline)."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 5e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_adam(self)
+
+
+@dataclass
+class AdamWConfig(AdamConfig):
+    """``torch.optim.AdamW`` (decoupled weight decay)."""
+
+    name: str = "adamw"
+    weight_decay: float = 5e-4
+
+
+@dataclass
+class SAMFamilyConfig(OptimizerConfig):
+    """What every two-pass (SAM-family) optimizer has: its base optimizer and that base's
+    settings (SGD's momentum and nesterov, Adam's betas and eps: the base is a setting), the
+    radius ``rho``, and BatchNorm in the second (perturbed) pass: ``freeze`` (davda54/sam's
+    advice) or ``update`` (the official ZSharp code's behaviour)."""
+
+    name: str = "sam"
+    base: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    rho: float = 0.05
+    bn_second_pass: str = "freeze"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _one_of("optimizer.base", self.base, BASE_OPTIMIZERS)
+        _check_sgd(self)
+        _check_adam(self)
         check_rho(self.rho, "optimizer.rho", ConfigError)
+        _one_of("optimizer.bn_second_pass", self.bn_second_pass, ("freeze", "update"))
+
+
+@dataclass
+class SAMConfig(SAMFamilyConfig):
+    """SAM (Foret et al. 2021): e = rho * g / ||g||; ``adaptive``: davda54's adaptive SAM."""
+
+    name: str = "sam"
+    adaptive: bool = False
+
+
+@dataclass
+class ASAMConfig(SAMFamilyConfig):
+    """ASAM (Kwon et al. 2021): T = |w| + eta on weights; rho 0.5, eta 0.01 as the ZSharp
+    code runs it."""
+
+    name: str = "asam"
+    rho: float = 0.5
+    eta: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.eta >= 0, "optimizer.eta", self.eta, ">= 0")
-        check_percentile(self.percentile, "optimizer.percentile", ConfigError)
-        _one_of("optimizer.filter", self.filter, ZSHARP_FILTERS)
-        check_one_of(
-            self.threshold_method, THRESHOLD_METHODS, "optimizer.threshold_method", ConfigError
-        )
-        check_stats_streams(self.stats_streams, "optimizer.stats_streams", ConfigError)
-        check_one_of(self.kernels, KERNELS, "optimizer.kernels", ConfigError)
+
+
+@dataclass
+class FSAMConfig(SAMFamilyConfig):
+    """Friendly-SAM (Li et al. 2024): ascent along g - sigma * m, m a running mean of g."""
+
+    name: str = "fsam"
+    sigma: float = 1.0
+    lmbda: float = 0.9
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         _check(self.sigma >= 0, "optimizer.sigma", self.sigma, ">= 0")
         _check(0 <= self.lmbda < 1, "optimizer.lmbda", self.lmbda, "[0, 1)")
-        _one_of("optimizer.bn_second_pass", self.bn_second_pass, ("freeze", "update"))
+
+
+@dataclass
+class ZSharpConfig(SAMFamilyConfig):
+    """ZSharp: keep entries whose |z| is strictly above the ``percentile`` quantile. Its
+    implementation (same kept entries whichever is chosen): the order-statistic method, CUDA
+    side streams for per-tensor statistics, the kernels."""
+
+    name: str = "zsharp"
+    percentile: float = 0.95
+    filter: str = "zscore"
+    filter_seed: int = 0
+    threshold_method: str = "auto"
+    stats_streams: int = 8
+    kernels: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_percentile(self.percentile, "optimizer.percentile", ConfigError)
+        _one_of("optimizer.filter", self.filter, FILTERS)
+        check_one_of(self.threshold_method, THRESHOLD_METHODS, "optimizer.threshold_method")
+        check_stats_streams(self.stats_streams, "optimizer.stats_streams", ConfigError)
+        check_one_of(self.kernels, KERNELS, "optimizer.kernels")
+
+
+@dataclass
+class SAMMagnitudeConfig(SAMFamilyConfig):
+    """SAM's ascent; descent along ||g'|| * g / ||g|| (SGD's direction, SAM's magnitude)."""
+
+    name: str = "sam_magnitude"
+
+
+@dataclass
+class SAMDirectionConfig(SAMFamilyConfig):
+    """SAM's ascent; descent along ||g|| * g' / ||g'|| (SAM's direction, SGD's magnitude)."""
+
+    name: str = "sam_direction"
+
+
+#: Every ``optimizer.name``, with its schema: the bases first, then the SAM family. The
+#: optimizer registry (zsharp_sweeps/optim/registry.py) refuses a builder for a name not here.
+OPTIMIZER_SCHEMAS: dict[str, type[OptimizerConfig]] = {
+    "sgd": SGDConfig, "adamw": AdamWConfig, "adam": AdamConfig,
+    "sam": SAMConfig, "asam": ASAMConfig, "fsam": FSAMConfig, "zsharp": ZSharpConfig,
+    "sam_magnitude": SAMMagnitudeConfig, "sam_direction": SAMDirectionConfig,
+}
+#: Every setting some optimizer has: what ``optimizer_shared`` may set.
+OPTIMIZER_SETTINGS: tuple[str, ...] = tuple(dict.fromkeys(
+    name for schema in OPTIMIZER_SCHEMAS.values() for name in schema.settings()
+    if name != "name"))
+
+
+def optimizer_config(name: str = "zsharp", **settings: Any) -> OptimizerConfig:
+    """The schema of optimizer ``name`` with ``settings``; a setting it does not have is a
+    ``ConfigError`` naming it and what it has."""
+    _one_of("optimizer.name", name, tuple(OPTIMIZER_SCHEMAS))
+    schema = OPTIMIZER_SCHEMAS[name]
+    own = schema.settings()
+    for key in settings:
+        if key not in own:
+            raise ConfigError(not_a_setting(name, key))
+    return schema(name=name, **settings)
+
+
+def not_a_setting(name: str, key: str) -> str:
+    own = ", ".join(k for k in OPTIMIZER_SCHEMAS[name].settings() if k != "name")
+    shared = (f" To give {key} to the optimizers of a sweep that have it, use "
+              f"optimizer_shared.{key}." if key in OPTIMIZER_SETTINGS else "")
+    return (f"optimizer.{key} is not a setting of optimizer {name!r}: its settings are "
+            f"{own}.{shared}")
 
 
 @dataclass
@@ -328,7 +469,7 @@ OBJECTIVES = (
 class StudyConfig:
     """How a sweep's trials are judged: pruning and seeds. A trial's identity (its Optuna
     trial, device, parent run) is not config: the sweep worker hands it over explicitly
-    (``zsharp_sweeps.sweep.context.TrialContext``). Outside a sweep only ``n_seeds`` acts."""
+    (``zsharp_sweeps.training.context.RunContext``). Outside a sweep only ``n_seeds`` acts."""
 
     # Stop unpromising trials early from their per-epoch validation accuracy: none, median,
     # successive_halving, hyperband, or the import path of a custom optuna pruner class.
@@ -363,13 +504,16 @@ class TrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    optimizer: OptimizerConfig = field(default_factory=ZSharpConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sharpness: SharpnessConfig = field(default_factory=SharpnessConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 52
+    # Settings for whichever optimizer of a sweep or recipe has them (optimizer_shared.rho=0.1
+    # over optimizer=choice(sgd,sam,zsharp): rho for sam and zsharp); validate applies them.
+    optimizer_shared: dict[str, Any] = field(default_factory=dict)
     # What the run returns to a sweeper, in order (several = multi-objective). Validation
     # metrics only: the test set is reported, never tuned on.
     objectives: list[str] = field(default_factory=lambda: ["best_val_acc"])
@@ -378,35 +522,12 @@ class TrainConfig:
         _check(len(self.objectives) >= 1, "objectives", list(self.objectives), "a non-empty list")
         for name in self.objectives:
             _one_of("objectives", name, OBJECTIVES)
+        for key in self.optimizer_shared:
+            _check(key in OPTIMIZER_SETTINGS, f"optimizer_shared.{key}", self.optimizer_shared[key],
+                   "a setting some optimizer has: " + ", ".join(OPTIMIZER_SETTINGS))
 
 
-def validate(cfg: DictConfig | dict) -> TrainConfig:
-    """Merge a composed config onto the schema and run every range check.
-
-    The ``hydra`` node is dropped first.
-    Raises ``ConfigError`` (a ``ValueError``) naming the first bad setting.
-    """
-    if isinstance(cfg, DictConfig):  # resolve section by section: never the hydra node
-        container = {
-            k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k])
-            else cfg[k]
-            for k in cfg if k != "hydra"
-        }
-    else:
-        container = {k: v for k, v in dict(cfg).items() if k != "hydra"}
-    schema = OmegaConf.structured(TrainConfig)
-    try:
-        merged = OmegaConf.merge(schema, container)
-        return OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except Exception as exc:  # omegaconf type/key errors: re-raise as one clear type
-        cause = exc.__cause__ if isinstance(exc.__cause__, ConfigError) else None
-        if cause is not None:
-            raise cause from None
-        raise ConfigError(f"invalid config: {exc}") from exc
-
-
+#: Each group's schema; the optimizer group has one per option (``OPTIMIZER_SCHEMAS``).
 GROUP_SCHEMAS: dict[str, type] = {
     "data": DataConfig,
     "model": ModelConfig,
@@ -417,31 +538,3 @@ GROUP_SCHEMAS: dict[str, type] = {
     "tracking": TrackingConfig,
     "study": StudyConfig,
 }
-
-
-def section(cfg: DictConfig, group: str):
-    """One group of a composed config as its validated schema (e.g. ``TrackingConfig``),
-    without validating the rest: the sweeper and a rejected trial need tracking and study
-    settings even when another section is invalid. Keys the schema lacks are ignored."""
-    schema = GROUP_SCHEMAS[group]
-    node = cfg.get(group)
-    raw = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    return schema(**{k: v for k, v in (raw or {}).items() if k in schema.__annotations__})
-
-
-def schema_config_name(group: str) -> str:
-    """The name each group's schema is stored under: ``data`` -> ``data_schema``."""
-    return f"{group}_schema"
-
-
-def register_configs() -> None:
-    """Store each group's schema as the root-level config ``<group>_schema`` so every YAML
-    option can start from it (``defaults: [/data_schema, _self_]``): any schema key can
-    then be overridden from the command line without ``+``, and types are checked as Hydra
-    composes. Root level, not inside the group: an option of the group would be offered by
-    ``--help`` and tab completion as if it could be picked (``data=_schema``)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    for group, schema in GROUP_SCHEMAS.items():
-        store.store(name=schema_config_name(group), node=schema, replace=True)
