@@ -25,7 +25,7 @@ help:
 	@echo "make ui       - MLflow UI on $(TRACKING_URI)"
 	@echo "make test     - the whole test suite (CPU, embedded data; < 6 min on 2 cores)"
 	@echo "make test-fast - the tests not marked slow, for the edit loop (< 90 s on 2 cores)"
-	@echo "make lint     - ruff"
+	@echo "make lint     - ruff and the import-linter contracts (docs/architecture.md's floors)"
 	@echo "make bench    - optimizer-step and throughput benchmark (ARGS to override)"
 
 install:
@@ -52,7 +52,10 @@ test-fast:
 	$(PY) -m pytest -q $(TEST_XDIST) -m "not slow"
 
 lint:
-	$(PY) -m ruff check zsharp_sweeps tests
+	$(PY) -m ruff check zsharp_sweeps hydra_plugins tests
+	@# The floors (pyproject.toml [tool.importlinter]): no cycles, training never imports the
+	@# sweep runtime, the config schema imports nothing of the package.
+	$(VENV)/bin/lint-imports
 
 format:
 	$(PY) -m ruff check --fix zsharp_sweeps tests

@@ -24,7 +24,7 @@ from zsharp_sweeps.config import (
     TrainerConfig,
     optimizer_config,
 )
-from zsharp_sweeps.tables import format_table
+from zsharp_sweeps.report.tables import format_table
 from zsharp_sweeps.training.build import build_parts, build_step
 from zsharp_sweeps.training.engine import fit
 

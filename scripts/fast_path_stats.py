@@ -36,7 +36,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from zsharp_sweeps.config import register_configs  # noqa: E402
-from zsharp_sweeps.tables import format_table  # noqa: E402
+from zsharp_sweeps.report.tables import format_table  # noqa: E402
 from zsharp_sweeps.training.run import run_training  # noqa: E402
 
 #: The reference and the fast mode, as command-line overrides of the hardware group.

@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 from mlflow.tracking import MlflowClient
 
-from zsharp_sweeps.sweep.plan import WorkerJob
+from zsharp_sweeps.sweep.worker import WorkerJob
 from zsharp_sweeps.tracking.locks import sqlite_initialised
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,9 +21,10 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from zsharp_sweeps.config import TrackingConfig
-from zsharp_sweeps.plots import IMPORTANCE_MIN_TRIALS, TrialCurve, val_curves_figure
-from zsharp_sweeps.report import counted_trials, main, study_view, sweep_figures, write_report
-from zsharp_sweeps.tables import compare, format_table, paired_test, seed_table
+from zsharp_sweeps.report import counted_trials, study_view, sweep_figures, write_report
+from zsharp_sweeps.report.__main__ import main
+from zsharp_sweeps.report.plots import IMPORTANCE_MIN_TRIALS, TrialCurve, val_curves_figure
+from zsharp_sweeps.report.tables import compare, format_table, paired_test, seed_table
 from zsharp_sweeps.tracking import Tracker
 
 RHO, QP, LR = "optimizer.rho", "optimizer.percentile", "optimizer.lr"
@@ -209,7 +210,7 @@ def test_val_curves_from_mlflow_cover_counted_trials(sweep) -> None:
     from zsharp_sweeps.report import mlflow_results
 
     study = sweep["study"]
-    results = mlflow_results(sweep["tracker"].uri, sweep["parent"], counted_trials(study))
+    results = mlflow_results(sweep["tracker"], sweep["parent"], counted_trials(study))
     assert [c.number for c in results.curves] == [0, 1, 2, 3, 4, 5, 6]  # 7 failed: no epochs
     assert results.curves[6].state == "PRUNED" and len(results.curves[6].points) == 1
     epochs, values = zip(*results.curves[0].points)

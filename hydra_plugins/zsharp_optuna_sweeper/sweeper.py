@@ -65,7 +65,7 @@ from zsharp_sweeps.config import (
 )
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.placement import gpu_uuids
-from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan, WorkerJob
+from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
 from zsharp_sweeps.sweep.progress import counted_trials, progress
 from zsharp_sweeps.sweep.protocols import ChecksConfig, PrestartingLauncher
 from zsharp_sweeps.sweep.quiet import optuna_experimental
@@ -79,6 +79,7 @@ from zsharp_sweeps.sweep.sampling import (
     sampler_factory,
 )
 from zsharp_sweeps.sweep.trial import EPOCH_METRIC_OF_OBJECTIVE, build_pruner
+from zsharp_sweeps.sweep.worker import WorkerJob
 from zsharp_sweeps.tracking import Tracker, override_param_key
 from zsharp_sweeps.tracking.uris import absolute_sqlite_url, sqlite_path, sqlite_url
 from zsharp_sweeps.training.signals import Stopped

@@ -3,7 +3,7 @@
 Why ``matplotlib.figure.Figure`` with an Agg canvas and not pyplot: pyplot keeps every figure
 in a global registry (a leak unless closed) and would need the process-wide backend switched;
 a bare Figure is rendered by Agg when saved, and a notebook still displays it. Not in
-``zsharp_sweeps.plots`` because that module imports optuna and this package stays a leaf.
+``zsharp_sweeps.report.plots`` because that module imports optuna and this package stays a leaf.
 """
 
 from __future__ import annotations

@@ -3,18 +3,17 @@
 Why two objects: every host that joins a study must agree on the study's facts (its name and
 storage, size, search space, sampler, failure bound, heartbeat), while devices, processes and
 the stop file belong to the host that started the workers. The sweeper builds both once; the
-launcher pickles them to the workers (``WorkerJob``) together with what Hydra gave the
-sweeper: its context, the master config and the task function each trial runs.
+launcher pickles them to the workers (``zsharp_sweeps.sweep.worker.WorkerJob``) together with
+what Hydra gave the sweeper: its context, the master config and the task function each trial
+runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import optuna
-from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 from optuna.distributions import BaseDistribution
 
@@ -75,27 +74,3 @@ class HostPlan:
 
     def device_for(self, worker_index: int) -> str:
         return self.devices[(worker_index // self.trials_per_device) % len(self.devices)]
-
-
-@dataclass
-class WorkerJob:
-    """The launcher's task function: one worker, for as long as the study has trials.
-
-    The launcher (and its prestarted processes) exists before the study does, so the plans
-    are filled in just before ``launch``, which pickles this object to every worker. Each
-    trial runs ``task_function`` as a Hydra job composed from ``config`` (the sweep's master
-    config) with the trial's overrides.
-    """
-
-    hydra_context: HydraContext
-    task_function: TaskFunction
-    config: DictConfig
-    study: StudyPlan | None = None
-    host: HostPlan | None = None
-
-    def __call__(self, cfg: DictConfig) -> dict[str, Any]:
-        from zsharp_sweeps.sweep.worker import run_worker
-
-        assert self.study is not None and self.host is not None, (
-            "WorkerJob's plans are set before the launcher runs jobs")
-        return run_worker(self)

@@ -29,18 +29,20 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, run_job
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from zsharp_sweeps.sweep.lifecycle import watchdog
-from zsharp_sweeps.sweep.plan import WorkerJob
+from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
 from zsharp_sweeps.sweep.progress import (
     INTERRUPTED_ATTR,
     REJECTED_ATTR,
@@ -170,6 +172,28 @@ def _trial_log(path: Path) -> Iterator[None]:
     finally:
         root.removeHandler(handler)
         handler.close()
+
+
+@dataclass
+class WorkerJob:
+    """The launcher's task function: one worker, for as long as the study has trials.
+
+    The launcher (and its prestarted processes) exists before the study does, so the plans
+    are filled in just before ``launch``, which pickles this object to every worker. Each
+    trial runs ``task_function`` as a Hydra job composed from ``config`` (the sweep's master
+    config) with the trial's overrides.
+    """
+
+    hydra_context: HydraContext
+    task_function: TaskFunction
+    config: DictConfig
+    study: StudyPlan | None = None
+    host: HostPlan | None = None
+
+    def __call__(self, cfg: DictConfig) -> dict[str, Any]:
+        assert self.study is not None and self.host is not None, (
+            "WorkerJob's plans are set before the launcher runs jobs")
+        return run_worker(self)
 
 
 class Worker:

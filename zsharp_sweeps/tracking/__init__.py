@@ -348,6 +348,28 @@ class Tracker:
             ended.append(run_id)
         return ended
 
+    def child_runs(self, parent_run_id: str) -> list[Any]:
+        """Every run whose MLflow parent is ``parent_run_id``, in any experiment's store
+        (all result pages)."""
+        if not self.enabled:
+            return []
+        experiment_id = _retry(self._client.get_run, parent_run_id).info.experiment_id
+        runs, token = [], None
+        while True:
+            page = _retry(self._client.search_runs, [experiment_id],
+                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                          max_results=1000, page_token=token)
+            runs += list(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def metric_history(self, run_id: str, key: str) -> list[Any]:
+        """Every logged value of metric ``key`` of run ``run_id`` (MLflow ``Metric``s)."""
+        if not self.enabled:
+            return []
+        return list(_retry(self._client.get_metric_history, run_id, key))
+
     def discard(self, run_id: str) -> None:
         """Delete a run that should not have been made (a duplicate sweep parent run)."""
         _retry(self._client.delete_run, run_id)

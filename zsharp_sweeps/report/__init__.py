@@ -1,4 +1,4 @@
-"""``python -m zsharp_sweeps.report <sweep dir | study storage>``: what a sweep found.
+"""The sweep report: what a sweep found (``python -m zsharp_sweeps.report``, ``__main__``).
 
 Writes to ``--out`` (default ``<sweep dir>/report``): ``summary.txt`` and ``report.md``
 (best settings, every trial with its state, final test accuracy per configuration over
@@ -14,8 +14,6 @@ retry), a trial asked beyond ``n_trials`` (``zsharp:surplus``), an enqueued retr
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,7 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from zsharp_sweeps.plots import (
+from zsharp_sweeps.report.plots import (
     IMPORTANCE_MIN_TRIALS,
     TrialCurve,
     importance_warning,
@@ -33,9 +31,7 @@ from zsharp_sweeps.plots import (
     sweep_figures,
     val_curves_figure,
 )
-from zsharp_sweeps.sweep import progress
-from zsharp_sweeps.sweep.quiet import optuna_experimental
-from zsharp_sweeps.tables import (
+from zsharp_sweeps.report.tables import (
     OPTIMIZER,
     SEED,
     best_settings,
@@ -48,12 +44,14 @@ from zsharp_sweeps.tables import (
     state_counts,
     trials_frame,
 )
-from zsharp_sweeps.tracking.uris import sqlite_path, sqlite_url
+from zsharp_sweeps.sweep import progress
+from zsharp_sweeps.sweep.quiet import optuna_experimental
+from zsharp_sweeps.tracking.uris import sqlite_url
 
 if TYPE_CHECKING:
     from zsharp_sweeps.tracking import Tracker
 
-__all__ = ["compare", "load_study", "main", "paired_test", "write_report"]
+__all__ = ["compare", "load_study", "paired_test", "write_report"]
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -118,36 +116,18 @@ class MlflowResults:
     averaged_seeds: bool = False  # some trial's curve is the mean of its seed runs
 
 
-def _children(client: Any, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """Every run whose MLflow parent is ``parent_run_id`` (all result pages)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-            max_results=1000, page_token=token,
-        )
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def mlflow_results(
-    tracking_uri: str, parent_run_id: str, trials: Sequence[FrozenTrial]
+    tracker: Tracker, parent_run_id: str, trials: Sequence[FrozenTrial]
 ) -> MlflowResults:
-    """Read the trial runs nested under the sweep's parent run (public MLflow client API).
+    """Read the trial runs nested under the sweep's parent run (through ``tracker``).
 
     A trial run is matched to its trial by the ``trial_number`` tag; only counted trials
     are read. A trial that ran ``study.n_seeds`` seeds is a group run (tag ``n_seeds``)
     whose nested runs are the seeds; otherwise the trial run is the seed run.
     """
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
     by_number = {t.number: t for t in trials}
     trial_runs: dict[int, Any] = {}
-    for run in sorted(_children(client, experiment_id, parent_run_id),
+    for run in sorted(tracker.child_runs(parent_run_id),
                       key=lambda r: r.info.start_time or 0):
         number = run.data.tags.get("trial_number", "")
         if number.isdigit() and int(number) in by_number:
@@ -156,7 +136,7 @@ def mlflow_results(
     rows = []
     for number, run in sorted(trial_runs.items()):
         trial = by_number[number]
-        history = client.get_metric_history(run.info.run_id, "val_acc")
+        history = tracker.metric_history(run.info.run_id, "val_acc")
         grouped = "n_seeds" in run.data.tags
         if history:
             results.curves.append(TrialCurve(
@@ -164,7 +144,7 @@ def mlflow_results(
             results.averaged_seeds |= grouped
         if trial.state != TrialState.COMPLETE:
             continue
-        leaves = _children(client, experiment_id, run.info.run_id) if grouped else [run]
+        leaves = tracker.child_runs(run.info.run_id) if grouped else [run]
         swept = {k: v for k, v in trial.params.items() if k not in (SEED, OPTIMIZER)}
         for leaf in leaves:
             if "final_test_acc" not in leaf.data.metrics:
@@ -249,7 +229,7 @@ def _read_mlflow(
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow_results(tracker.uri, parent, trials)
+        return mlflow_results(tracker, parent, trials)
     except MlflowException as exc:
         notes.append(f"MLflow not read ({tracker.uri}, parent run {parent}): "
                      f"{str(exc).splitlines()[0]}")
@@ -319,64 +299,3 @@ def write_report(
     if echo:
         print("\n".join(doc.text))
     return files
-
-
-# ----- command line ----------------------------------------------------------------------
-def _tracker(uri: str | None, experiment: str) -> Tracker | None:
-    """A Tracker on the MLflow store, or None when a local SQLite store does not exist."""
-    from zsharp_sweeps.config import TrackingConfig
-    from zsharp_sweeps.tracking import Tracker, default_tracking_uri
-
-    uri = uri or default_tracking_uri()
-    db = sqlite_path(uri)
-    if db is not None and not db.exists():
-        print(f"note: no MLflow store at {uri}: report without MLflow parts", file=sys.stderr)
-        return None
-    return Tracker(TrackingConfig(uri=uri, experiment=experiment))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m zsharp_sweeps.report", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("target", help="sweep directory, its optuna.db, or an Optuna storage URL")
-    parser.add_argument("--study", help="study name (needed when the storage holds several)")
-    parser.add_argument("--out", help="output directory (default: <sweep dir>/report or ./report)")
-    parser.add_argument("--compare", help="two optimizers for a paired test, e.g. zsharp,sam")
-    parser.add_argument("--tracking-uri",
-                        help="MLflow store (default: $MLFLOW_TRACKING_URI or ./mlruns/mlflow.db)")
-    parser.add_argument("--experiment", default="zsharp-sweeps", help="MLflow experiment")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not read or log to MLflow")
-    args = parser.parse_args(argv)
-    pair = None
-    if args.compare:
-        pair = tuple(p.strip() for p in args.compare.split(","))
-        if len(pair) != 2 or not all(pair):
-            print(f"error: --compare={args.compare!r}: give two optimizers, e.g. zsharp,sam",
-                  file=sys.stderr)
-            return 2
-    try:
-        study = load_study(args.target, args.study)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    default_out = Path(args.target) / "report" if Path(args.target).is_dir() else Path("report")
-    out = Path(args.out) if args.out else default_out
-    tracker = None if args.no_mlflow else _tracker(args.tracking_uri, args.experiment)
-    try:
-        files = write_report(study, out, tracker=tracker, compare_pair=pair, echo=True)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    parent = study.user_attrs.get(PARENT_RUN_ATTR)
-    if tracker is not None and tracker.enabled and parent:
-        tracker.run_id = parent
-        for path in files:
-            tracker.log_artifact(path, "report")
-    print(f"\nwrote {len(files)} files to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
