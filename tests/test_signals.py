@@ -1,6 +1,6 @@
 """SIGTERM and Ctrl-C end a run KILLED in MLflow (not RUNNING forever), with its epochs kept.
 
-The unit tests pin ``sigterm_as_interrupt`` and ``Tracker.run``; the slow ones kill a real
+The unit tests pin ``graceful_stop`` and ``Tracker.run``; the slow ones kill a real
 ``python -m zsharp_sweeps.train`` process after its first epoch is in the store.
 """
 
@@ -20,20 +20,30 @@ from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps.config import TrackingConfig
 from zsharp_sweeps.tracking import Tracker
-from zsharp_sweeps.training.signals import Terminated, exit_code, sigterm_as_interrupt
+from zsharp_sweeps.training.signals import (
+    Terminated,
+    check_stop,
+    exit_code,
+    graceful_stop,
+    stop_pending,
+)
 
 from .conftest import REPO
 
 
-def test_sigterm_raises_terminated_and_the_old_handler_comes_back() -> None:
+def test_sigterm_becomes_terminated_at_a_safe_point_and_the_old_handler_comes_back() -> None:
     def sentinel(signum, frame) -> None:  # pragma: no cover - never called
         raise AssertionError
 
     previous = signal.signal(signal.SIGTERM, sentinel)
     try:
-        with pytest.raises(Terminated) as info, sigterm_as_interrupt():
+        with pytest.raises(Terminated) as info, graceful_stop():
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(5)  # the handler raises before this returns
+            time.sleep(0.05)
+            with graceful_stop():  # nested (a sweep trial's task): the outer block decides
+                assert stop_pending()
+            assert stop_pending()
+            check_stop()
         assert isinstance(info.value, KeyboardInterrupt)
         assert info.value.signum == signal.SIGTERM
         assert str(info.value) == "received SIGTERM"
@@ -47,7 +57,7 @@ def test_off_the_main_thread_it_changes_nothing() -> None:
     seen: list[object] = []
 
     def worker() -> None:
-        with sigterm_as_interrupt():
+        with graceful_stop():
             seen.append(signal.getsignal(signal.SIGTERM))
 
     thread = threading.Thread(target=worker)

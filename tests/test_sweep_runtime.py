@@ -175,12 +175,14 @@ def test_graceful_stop_waits_for_a_safe_point_and_a_second_signal_stops_at_once(
 def test_watchdog_turns_the_stop_file_into_sigterm(tmp_path: Path) -> None:
     code = (
         "import sys, time\n"
-        "from zsharp_sweeps.training.signals import Terminated, sigterm_as_interrupt\n"
+        "from zsharp_sweeps.training.signals import Terminated, check_stop, graceful_stop\n"
         "from zsharp_sweeps.sweep.lifecycle import watchdog\n"
-        f"with sigterm_as_interrupt(), watchdog({str(tmp_path / 'stop')!r}, main_pid=-1):\n"
+        f"with graceful_stop(), watchdog({str(tmp_path / 'stop')!r}, main_pid=-1):\n"
         "    print('ready', flush=True)\n"
         "    try:\n"
-        "        time.sleep(60)\n"
+        "        for _ in range(1200):\n"
+        "            time.sleep(0.05)\n"
+        "            check_stop()\n"
         "    except Terminated:\n"
         "        print('terminated', flush=True)\n"
     )

@@ -38,11 +38,31 @@ def _runs(uri: str, experiment: str):
     return client, client.search_runs([exp.experiment_id])
 
 
+#: The class each optimizer name builds (a SAM-family one over its base, SGD here).
+BUILDS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "sam": "SAM", "asam": "ASAM",
+          "fsam": "FriendlySAM", "zsharp": "ZSharp", "sam_magnitude": "SAMMagnitude",
+          "sam_direction": "SAMDirection"}
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_every_optimizer_trains_through_the_entry_point(optimizer: str, make_cfg) -> None:
+def test_every_optimizer_trains_through_the_entry_point(
+    optimizer: str, make_cfg, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zsharp_sweeps.training.build as build
+
+    built: list[str] = []
+    real = build.build_optimizer
+
+    def spy(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        built.append(type(opt).__name__)
+        return opt
+
+    monkeypatch.setattr(build, "build_optimizer", spy)
     cfg = make_cfg([f"optimizer={optimizer}", "model=resnet20", "trainer.epochs=1",
                     "trainer.max_steps_per_epoch=2", "sharpness=none", "tracking=off"])
     summary = run_training(cfg)
+    assert built == [BUILDS[optimizer]]  # the run trained with the optimizer it names
     assert summary["run_id"] is None  # tracking off: nothing recorded
     for key in ("final_test_loss", "best_val_acc", "final_test_acc"):
         assert math.isfinite(summary[key]), key

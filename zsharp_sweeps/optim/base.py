@@ -13,9 +13,10 @@ Design choices (and why):
 
 * ``param_groups`` are the base optimizer's own list of dicts, so LR schedulers, ``lr`` edits
   and checkpoints made through the wrapper act on the base optimizer.
-* The weights are restored by copying a backup, not by subtracting ``e`` (davda54 subtracts):
-  ``(w + e) - e`` is not ``w`` in floating point, and a skipped fp16 step must leave the
-  weights exactly as they were.
+* The weights are restored from a backup, as davda54/sam does since it stopped subtracting
+  ``e`` (``(w + e) - e`` is not ``w`` in floating point, and a skipped fp16 step must leave
+  the weights exactly as they were); copied in place rather than by rebinding ``p.data``
+  (davda54's ``p.data = old_p``), so a parameter keeps the storage a CUDA graph captured.
 * Transient buffers (the backup, ZSharp's layouts, the stored first gradient) live outside
   ``self.state`` so ``state_dict()`` holds only what must survive a restart (the base
   optimizer's state, FSAM's momentum, ZSharp's random-filter generator).

@@ -235,8 +235,7 @@ class Tracker:
         The tag ``run_state`` says COMPLETE, FAILED, KILLED or, for an exception class that
         defines ``run_state``/``mlflow_status`` (a pruned trial), PRUNED with status KILLED.
         SIGTERM reaches here as ``zsharp_sweeps.training.signals.Terminated`` (a KeyboardInterrupt)
-        inside ``graceful_stop()`` or ``sigterm_as_interrupt()``; the tag ``killed_by`` names
-        the signal. What was logged before stays (every log call is written through at once). The exception is
+        inside ``graceful_stop()``; the tag ``killed_by`` names the signal. What was logged before stays (every log call is written through at once). The exception is
         re-raised.
         """
         if not self.enabled:

@@ -33,7 +33,7 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
     """Hold an exclusive lock on ``<db>.lock`` while a SQLite store is opened/created.
 
     A no-op for any other store. Threads of one process exclude each other too (each call
-    opens its own lock), which the one-process stream launcher relies on.
+    opens its own lock).
     """
     path = sqlite_path(url)
     if path is None or sqlite_initialised(path):

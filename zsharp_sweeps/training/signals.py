@@ -5,7 +5,9 @@ whose default action ends the process at once: no ``finally`` runs, so the MLflo
 RUNNING and the Optuna trial too. Ctrl-C (SIGINT) already raises ``KeyboardInterrupt``;
 turning SIGTERM into :class:`Terminated`, a ``KeyboardInterrupt`` subclass, lets every
 handler written for Ctrl-C (``Tracker.run`` ends the run KILLED, the sweeper fails the
-trial) handle a termination as well, with no second code path.
+trial) handle a termination as well, with no second code path. Inside ``graceful_stop``
+either signal is acted on at the next ``check_stop()`` (between training steps), never in
+the middle of a database write.
 
 Python delivers signals to the main thread only, so the context manager does nothing in
 other threads: there the process's own handler decides.
@@ -39,28 +41,6 @@ class Stopped(Terminated):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(signum)
         self.args = (message,)
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise Terminated(signum)
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` in the main thread.
-
-    The previous handler is restored on exit, also when the block raises. Off the main
-    thread this is a no-op (``signal.signal`` may only be called from the main thread).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        # None: the old handler was not installed from Python; the default is the closest.
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 #: The signal a ``graceful_stop`` block received and has not acted on yet.
