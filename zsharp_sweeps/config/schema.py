@@ -380,7 +380,7 @@ class TrainerConfig:
     max_steps_per_epoch: int | None = None
     eval_test_every_epoch: bool = True
     progress: bool = True
-    # Checkpoints (zsharp_sweeps/checkpoint.py): one at the end of every epoch, so a killed
+    # Checkpoints (zsharp_sweeps/training/checkpoint.py): one at the end of every epoch, so a killed
     # run, or a sweep trial retried after its worker died, resumes where it stopped.
     checkpoint: bool = True
     # null: <the run's Hydra output dir>/checkpoints (no checkpoints outside a Hydra run).

@@ -4,7 +4,7 @@ Why it looks like this: per-batch loss and accuracy are accumulated *on the devi
 read once per epoch, so the GPU never waits for Python between steps (airbench's rule).
 Everything a caller may want per epoch (MLflow logging, Optuna pruning, progress) is an
 ``on_epoch_end`` callback, so the loop itself knows nothing about tracking or sweeps. A
-``Checkpointer`` (zsharp_sweeps/checkpoint.py) saves the state after each epoch's callbacks,
+``Checkpointer`` (zsharp_sweeps/training/checkpoint.py) saves the state after each epoch's callbacks,
 and ``resume`` continues from such a checkpoint at the next epoch, with the same numbers.
 """
 
