@@ -44,14 +44,14 @@ class TestWorkersLauncherBatched(BatchedSweeperTestSuite):
 
 def _user_sweep(hydra_sweep_runner, tmp_path: Path, task_function, *extra: str):
     """A user's ``@hydra.main(config_path=conf/, config_name="config")`` app, swept with our
-    sweeper: six trials over optimizer.lr, tracking off."""
+    sweeper: four trials over optimizer.lr, tracking off."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     return hydra_sweep_runner(
         calling_file=__file__, calling_module=None, task_function=task_function,
         config_path=str(CONF_DIR), config_name="config",
         overrides=["hydra/sweeper=zsharp_optuna", "hydra/sweeper/sampler=random",
                    "hydra.sweeper.sampler.seed=0", "hydra.sweeper.direction=minimize",
-                   "hydra.sweeper.n_trials=6", f"hydra.sweeper.storage={storage}",
+                   "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
                    "hydra.sweeper.study_name=user", "tracking=off", "data=digits",
                    "optimizer.lr=interval(0.01, 0.5)", *extra],
         temp_dir=tmp_path / "sweep",
@@ -72,7 +72,7 @@ def test_a_users_own_task_function_is_what_the_sweep_optimises(
     with sweep:
         pass
     study = optuna.load_study(study_name="user", storage=storage)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 6
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
     assert sorted(calls) == sorted(t.params["optimizer.lr"] for t in study.trials)
     for trial in study.trials:
         assert trial.value == pytest.approx((trial.params["optimizer.lr"] - 0.1) ** 2)
@@ -99,7 +99,7 @@ def test_worker_processes_run_the_users_task_function(hydra_sweep_runner, tmp_pa
         pass
     study = optuna.load_study(study_name="user", storage=storage)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 6
+    assert len(complete) == 4
     called = sorted(json.loads(p.read_text()) for p in marks.iterdir())
     assert called == sorted(t.params["optimizer.lr"] for t in complete)
     assert len({p.name.split("-")[0] for p in marks.iterdir()}) == 2  # both workers ran it

@@ -1,8 +1,11 @@
 """hydra-optuna-sweeper's own tests on ``zsharp_optuna``, as on the stock sweeper; and the
 version of it whose private search-space parser we use.
 
-All of them, on both sweepers (about 20 s on 2 cores; the sdist is downloaded once, see
-``tests/upstream.py``). ``python -m tests.upstream`` prints the comparison.
+Here the upstream tests that sweep (an in-process multirun through the sweeper: the ones that
+can tell two sweepers apart; the others test the stock parser and sampler configs, which ours
+uses as they are), on both sweepers; ``make test-upstream`` (run by CI too) runs all 93 on
+both and compares (``python -m tests.upstream``). The sdist is downloaded once
+(``tests/upstream.py``).
 """
 
 from __future__ import annotations
@@ -36,12 +39,8 @@ def test_hydra_optuna_sweeper_is_a_version_whose_parser_was_checked() -> None:
 def test_upstream_tests_that_sweep_pass_on_zsharp_optuna_as_on_the_stock_sweeper(
     tmp_path: Path,
 ) -> None:
-    stock, ours = compare(tmp_path)
-    # The sdist lacks the repository's example/ apps and tests/conf/: the tests that run them
-    # fail on both sweepers. Every other test passes on both.
-    assert set(ours) == set(stock) and sum(stock.values()) >= 73, stock
-    lost = sorted(name for name, ok in stock.items() if ok and not ours[name])
-    assert not lost, f"pass on the stock sweeper, fail on zsharp_optuna: {lost}"
-    for name in ("test_launch_jobs", "test_rejected_result_marks_trial_failed[nan]",
-                 "test_rejected_result_marks_trial_failed[wrong-number-of-values]"):
-        assert ours[name], name  # the upstream tests that sweep
+    stock, ours = compare(tmp_path, "-k", "launch_jobs or rejected_result")
+    assert set(stock) == {"test_launch_jobs", "test_rejected_result_marks_trial_failed[nan]",
+                          "test_rejected_result_marks_trial_failed[wrong-number-of-values]"}
+    assert all(stock.values()), stock
+    assert ours == stock
