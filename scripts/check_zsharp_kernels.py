@@ -50,7 +50,7 @@ def fused_masks(grads: list[torch.Tensor], q: float) -> list[torch.Tensor]:
     absz, tau = multitensor.select_threshold(packed, bufs)
     ok = torch.isfinite(bufs.means) & torch.isfinite(bufs.stds)
     keep = (absz.view(torch.float32) > layout.per_chunk(tau)) & layout.per_chunk(ok)
-    return [m.view(g.shape) for m, g in zip(layout.unpack(keep), grads, strict=True)]
+    return multitensor.unpack_like(keep, layout, grads, orders)  # memory order: g's strides
 
 
 DEVICE = "cuda"
