@@ -14,7 +14,7 @@ FASHION_MNIST_FILES := $(foreach s,train t10k,$(foreach k,images-idx3 labels-idx
 APT_INSTALL = $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y --no-install-recommends dataset-fashion-mnist
 APT_UPDATE = $(if $(filter 0,$(shell id -u)),,sudo) apt-get update
 
-.PHONY: help install data test test-fast test-upstream lint format train demo sweep ui bench clean
+.PHONY: help install data test test-long test-fast test-upstream lint format train demo sweep ui bench clean
 
 help:
 	@echo "make install  - create $(VENV) with torch, Hydra, Optuna, MLflow and dev tools"
@@ -47,7 +47,12 @@ data:
 	fi
 
 test:
-	$(PY) -m pytest -q $(TEST_XDIST) --durations=10
+	$(PY) -m pytest -q $(TEST_XDIST) -m "not long" --durations=10
+
+# The longest multi-process end-to-end tests (marker `long`, ~4 min on 2 cores); CI runs them
+# after make test.
+test-long:
+	$(PY) -m pytest -q $(TEST_XDIST) -m long --durations=10
 
 test-fast:
 	$(PY) -m pytest -q $(TEST_XDIST) -m "not slow"

@@ -178,6 +178,7 @@ RUN = ["data=digits", "model=mlp", "model.params.hidden=16", "hardware=auto",
        "trainer.progress=false", "sharpness=none"]
 
 
+@pytest.mark.long
 @pytest.mark.slow  # a training run and a 2-worker sweep through the command line
 def test_a_run_and_every_sweep_worker_use_the_compile_cache(tmp_path: Path) -> None:
     from .sweep_helpers import make_mlflow_template, seed_mlflow_store
@@ -221,6 +222,7 @@ print(json.dumps(dict(counters["inductor"])))
 """
 
 
+@pytest.mark.long
 @pytest.mark.slow  # two cold starts of torch.compile's C++ toolchain (~20 s on 2 cores)
 def test_a_second_process_hits_the_compile_cache(tmp_path: Path) -> None:
     env = _env(tmp_path)

@@ -38,6 +38,7 @@ GRID = ("--multirun", "+sweep=percentile_grid", "data=digits", "hardware=cpu", "
 GRID_STUDY = "percentile_grid-mlp-digits"
 
 
+@pytest.mark.long
 def test_two_workers_pull_trials_asynchronously_on_their_own_devices(cwd: Path) -> None:
     # Enqueue one long trial then short ones: while one worker trains the long trial, the
     # other must take every short trial (no batch barrier).
@@ -115,6 +116,7 @@ def test_two_workers_pull_trials_asynchronously_on_their_own_devices(cwd: Path) 
     assert any(p.suffix == ".png" for p in out.iterdir())
 
 
+@pytest.mark.long
 def test_processes_started_together_and_resumes_never_repeat_a_configuration(
     tmp_path: Path,
 ) -> None:

@@ -87,6 +87,7 @@ def test_two_hosts_share_one_study_on_postgres_and_an_mlflow_server(
         assert (tmp_path / f"host{i}" / "multirun" / STUDY / "optimization_results.yaml").is_file()
 
 
+@pytest.mark.long
 def test_a_dead_host_is_noticed_and_its_trial_resumed_by_the_other(
     tmp_path: Path, postgres_url: str, mlflow_server
 ) -> None:

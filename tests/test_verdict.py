@@ -90,6 +90,7 @@ def _no_running_runs(client: MlflowClient) -> list:
     return runs
 
 
+@pytest.mark.long
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_verdict_stopped_in_each_stage_resumes_and_reports_what_the_runs_say(cwd: Path):

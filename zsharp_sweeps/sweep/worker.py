@@ -360,7 +360,14 @@ class Worker:
     # ----- one trial -----------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> float | list[float]:
         self._current = trial.number
-        check_stop()
+        try:
+            # A stop that lands between the ask and the training (the signal is acted on
+            # here) interrupts this trial too: it must be retried, not counted as failed.
+            check_stop()
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(INTERRUPTED_ATTR, True)
+            raise
         if is_surplus(self.study, trial.number, self.plan.n_trials):
             trial.set_user_attr(SURPLUS_ATTR, True)
             self._requeue_if_retry(trial)

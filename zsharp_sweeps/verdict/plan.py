@@ -95,6 +95,9 @@ def _sweeper(study: str, storage: str, n_trials: int, n_jobs: int, sampler: str,
         "hydra.sweeper.direction=maximize", f"hydra.sweeper.study_name={study}",
         f"hydra.sweeper.storage={override_value(storage)}", f"hydra.sweeper.n_trials={n_trials}",
         f"hydra.sweeper.n_jobs={n_jobs}", "hydra.sweeper.report=false",
+        # A diverging trial is a result of tuning, not a broken sweep; a failed final run is
+        # named by the analysis (its seed does not pair).
+        "hydra.sweeper.max_failure_rate=0.5",
         f"hydra.sweep.dir={override_value(sweep_dir)}", "hydra.sweep.subdir=${hydra.job.num}",
     ]
 
