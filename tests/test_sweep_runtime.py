@@ -242,6 +242,30 @@ def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -
         assert len(trial.user_attrs["curves"]["val_acc"]) == 1
 
 
+def test_a_stop_between_a_trials_ask_and_its_training_interrupts_it(tmp_path: Path) -> None:
+    """The signal is acted on at the trial's first safe point, before training: the trial
+    is told FAIL but marked interrupted, so it does not count and a resume retries it."""
+    from zsharp_sweeps.train import task
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    fixed = ["data=digits", "hardware=cpu", "model=mlp", "model.params.hidden=16",
+             "trainer.epochs=1", "trainer.progress=false", "tracking=off", "sharpness=none"]
+    with worker_job(fixed, tmp_path / "sweep", task) as job:
+        job.study, job.host = _plans(
+            tmp_path, storage, "s", ["cpu:0"],
+            {"optimizer.lr": CategoricalDistribution([0.05, 0.1])}, 2, os.getpid(), fixed)
+        worker = Worker.join(job, index=0)
+        with graceful_stop():
+            os.kill(os.getpid(), signal.SIGTERM)  # pending until the next check_stop()
+            with pytest.raises(Terminated):
+                worker.study.optimize(worker.objective, n_trials=1, catch=(Exception,))
+    study = optuna.load_study(study_name="s", storage=storage)
+    (trial,) = study.trials
+    assert trial.state == TrialState.FAIL and trial.user_attrs[INTERRUPTED_ATTR] is True
+    assert progress(study).failed == 0 and progress(study).finished == 0
+
+
 def test_prestarted_worker_processes_wait_for_a_job_and_end_when_discarded() -> None:
     """The sweeper starts the worker processes before its study exists (their imports take
     seconds); those that get no job (the sweep failed first) end with nothing done."""
