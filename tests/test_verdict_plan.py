@@ -186,23 +186,25 @@ def test_an_arm_whose_tuning_never_completed_fails_in_one_line(tmp_path):
     from optuna.trial import TrialState
 
     from zsharp_sweeps.config import TrackingConfig
+    from zsharp_sweeps.sweep.records import StudyStore
     from zsharp_sweeps.tracking import Tracker
     from zsharp_sweeps.verdict.app import Verdict
     from zsharp_sweeps.verdict.plan import ArmPlan, Stage
     from zsharp_sweeps.verdict.runner import StageFailed
     from zsharp_sweeps.verdict.settings import ArmConfig, VerdictConfig
-    from zsharp_sweeps.verdict.state import VerdictState, open_storage
 
-    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db")
-    study = optuna.create_study(study_name="v.tune.sgd", storage=storage, direction="maximize")
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    store = StudyStore(url, "v")
+    study = optuna.create_study(study_name="v.tune.sgd", storage=store.storage,
+                                direction="maximize")
     for state in (TrialState.PRUNED, TrialState.FAIL):
         study.tell(study.ask(), state=state)
     settings = VerdictConfig(name="v", dir=str(tmp_path), optimizers=["sgd"], reference="sgd",
                              arms={"sgd": ArmConfig(optimizer="sgd")})
     plan = ArmPlan("sgd", Stage("tune", "sgd", "v.tune.sgd", 2, str(tmp_path / "tune-sgd"), ()),
                    ("optimizer=sgd",), {})
-    verdict = Verdict(settings, [], [plan], 2, f"sqlite:///{tmp_path}/optuna.db",
-                      VerdictState(storage, "v"), Tracker(TrackingConfig(enabled=False)), 1)
+    verdict = Verdict(settings, [], [plan], 2, url, store,
+                      Tracker(TrackingConfig(enabled=False)), 1)
     with pytest.raises(StageFailed, match=r"arm sgd: study v.tune.sgd: no tuning trial "
                                           r"completed \(1 pruned, 1 failed\): see .*sweep.log"):
         verdict.selected(plan)

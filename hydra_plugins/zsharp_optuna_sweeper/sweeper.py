@@ -253,7 +253,7 @@ class ZSharpOptunaSweeper(Sweeper):
 
     # ----- the study ---------------------------------------------------------------------
     def _open_study(self, storage: str) -> optuna.Study:
-        from zsharp_sweeps.sweep.worker import open_storage
+        from zsharp_sweeps.sweep.storage import open_storage
         from zsharp_sweeps.tracking.locks import sqlite_init_lock
 
         directions = self._directions()

@@ -226,11 +226,11 @@ def _read_mlflow(
         notes.append("MLflow not read (no tracker or no parent run in the study): no "
                      "validation curves, no test accuracy over seeds")
         return None
-    from mlflow.exceptions import MlflowException
+    from zsharp_sweeps.tracking import TrackingReadError
 
     try:
         return mlflow_results(tracker, parent, trials)
-    except MlflowException as exc:
+    except TrackingReadError as exc:
         notes.append(f"MLflow not read ({tracker.uri}, parent run {parent}): "
                      f"{str(exc).splitlines()[0]}")
         return None

@@ -10,11 +10,16 @@ gone. ``check_storage_url`` refuses all of these with one line naming the settin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 from zsharp_sweeps.config import ConfigError
+from zsharp_sweeps.sweep.quiet import optuna_experimental
 from zsharp_sweeps.tracking.dburl import check_rdb_url, rdb_dialect
 
-__all__ = ["ALLOWED_STORAGE", "STORAGE_SETTING", "check_storage_url"]
+__all__ = ["ALLOWED_STORAGE", "STORAGE_SETTING", "check_storage_url", "open_storage"]
 
 STORAGE_SETTING = "hydra.sweeper.storage"
 ALLOWED_STORAGE = (
@@ -61,3 +66,20 @@ def _sqlite_file(url: str) -> Path | None:
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
     return Path(database).expanduser()
+
+
+def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int = 30,
+                 max_retry: int = 3) -> optuna.storages.RDBStorage:
+    """The study's RDB storage. With ``heartbeat_interval`` (a sweep's workers), Optuna's
+    heartbeat: a dead worker's trial is noticed by every other worker (after
+    ``grace_period`` s) and retried (up to ``max_retry``); without it, a reader's handle."""
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    heartbeat: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                     "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
+                         max_retry=max_retry)}
+    with optuna_experimental():  # heartbeats
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)

@@ -28,7 +28,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,9 @@ from zsharp_sweeps.sweep.progress import (
     retried_from,
 )
 from zsharp_sweeps.sweep.quiet import optuna_experimental, quiet_interrupted_trials
+from zsharp_sweeps.sweep.records import record_results
 from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, suggest
+from zsharp_sweeps.sweep.storage import open_storage
 from zsharp_sweeps.sweep.trial import TrialReporter
 from zsharp_sweeps.training.context import DataCache, RunContext, use_context
 from zsharp_sweeps.training.signals import check_stop, graceful_stop
@@ -78,25 +80,6 @@ class RejectedValue(ValueError):
     """The task function returned something that is not the study's objective value(s)."""
 
 
-def open_storage(url: str, *, heartbeat_interval: int, grace_period: int,
-                 max_retry: int) -> optuna.storages.RDBStorage:
-    """The study's RDB storage with Optuna's heartbeat, so a dead worker's trial is noticed
-    by every other worker (after ``grace_period`` s) and retried (up to ``max_retry``)."""
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    with optuna_experimental():  # heartbeats
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=max_retry
-            ),
-        )
-
-
 def _retry(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
     """Enqueue a copy of ``trial`` exactly as Optuna does for a stale one (same params,
     ``failed_trial``/``retry_history`` system attrs), so every retry looks the same."""
@@ -111,25 +94,6 @@ def trial_run_name(number: int, params: dict[str, Any]) -> str:
         short = name.lstrip("+~").rsplit(".", 1)[-1]
         parts.append(f"{short}={value:.3g}" if isinstance(value, float) else f"{short}={value}")
     return " ".join(parts)[:250]
-
-
-#: Per-epoch metrics a trial keeps in its ``curves`` attribute (the verdict's curves).
-CURVE_METRICS = ("val_acc", "val_loss", "test_acc", "train_loss", "epoch_wall_s")
-
-
-def record_results(trial: optuna.Trial, summary: Mapping[str, Any]) -> None:
-    """The trial's results in the study itself (``metrics``: the finite summary numbers,
-    test accuracy and sharpness included; ``curves``: per-epoch metrics), so an analysis
-    reads one storage, with or without MLflow, on any host."""
-    metrics = {k: float(v) for k, v in summary.items()
-               if isinstance(v, (int, float)) and math.isfinite(float(v))}
-    trial.set_user_attr("metrics", metrics)
-    history = summary.get("history") or []
-    curves = {name: [float(row[name]) if math.isfinite(row.get(name, math.nan)) else None
-                     for row in history]
-              for name in CURVE_METRICS if any(name in row for row in history)}
-    if curves:
-        trial.set_user_attr("curves", curves)
 
 
 def objective_values(value: Any, n_objectives: int) -> float | list[float]:

@@ -180,6 +180,21 @@ def _retry(fn, *args, attempts: int = 8, **kwargs):
     raise AssertionError("unreachable")
 
 
+class TrackingReadError(RuntimeError):
+    """The MLflow store could not answer a read (a run that is gone, a store that is not
+    MLflow's): readers above this floor handle it without importing MLflow."""
+
+
+@contextlib.contextmanager
+def _read_errors() -> Iterator[None]:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        raise TrackingReadError(str(exc)) from exc
+
+
 class Tracker:
     """One MLflow run's handle; a disabled tracker accepts every call and records nothing."""
 
@@ -349,25 +364,27 @@ class Tracker:
 
     def child_runs(self, parent_run_id: str) -> list[Any]:
         """Every run whose MLflow parent is ``parent_run_id``, in any experiment's store
-        (all result pages)."""
+        (all result pages). ``TrackingReadError`` if the store cannot answer."""
         if not self.enabled:
             return []
-        experiment_id = _retry(self._client.get_run, parent_run_id).info.experiment_id
-        runs, token = [], None
-        while True:
-            page = _retry(self._client.search_runs, [experiment_id],
-                          filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                          max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                return runs
+        with _read_errors():
+            experiment_id = _retry(self._client.get_run, parent_run_id).info.experiment_id
+            runs, token = [], None
+            while True:
+                page = _retry(self._client.search_runs, [experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=1000, page_token=token)
+                runs += list(page)
+                token = page.token
+                if not token:
+                    return runs
 
     def metric_history(self, run_id: str, key: str) -> list[Any]:
         """Every logged value of metric ``key`` of run ``run_id`` (MLflow ``Metric``s)."""
         if not self.enabled:
             return []
-        return list(_retry(self._client.get_metric_history, run_id, key))
+        with _read_errors():
+            return list(_retry(self._client.get_metric_history, run_id, key))
 
     def discard(self, run_id: str) -> None:
         """Delete a run that should not have been made (a duplicate sweep parent run)."""

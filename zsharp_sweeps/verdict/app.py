@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zsharp_sweeps.config import ConfigError, TrackingConfig, flatten
+from zsharp_sweeps.sweep.records import StudyStore
 from zsharp_sweeps.tracking import Tracker
 from zsharp_sweeps.training.signals import check_stop
 from zsharp_sweeps.verdict import collect
@@ -30,7 +31,6 @@ from zsharp_sweeps.verdict.runner import (
     forwarded_signals,
 )
 from zsharp_sweeps.verdict.settings import VerdictConfig
-from zsharp_sweeps.verdict.state import VerdictState, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Verdict:
     plans: list[ArmPlan]
     final_epochs: int
     storage_url: str
-    state: VerdictState
+    state: StudyStore
     tracker: Tracker
     n_devices: int
     #: ``cuda`` or ``cpu``: what the stages' workers compute on.
@@ -74,10 +74,8 @@ class Verdict:
         """The arm's chosen configuration, chosen once, when its tuning is done."""
         chosen = self.state.get(f"selected.{plan.name}")
         if chosen is None and self.state.done(plan.tune.study_name, plan.tune.n_trials):
-            study = self.state.study(plan.tune.study_name)
-            assert study is not None
             try:
-                chosen = collect.select_best(study)
+                chosen = self.state.best(plan.tune.study_name)
             except ValueError as exc:  # every tuning trial failed or was pruned
                 raise StageFailed(f"arm {plan.name}: {exc}: see "
                                   f"{Path(plan.tune.sweep_dir) / 'sweep.log'}") from None
@@ -97,7 +95,7 @@ def prepare(settings: VerdictConfig, common: list[str], tracking: TrackingConfig
     url = storage_url(settings)
     plans, final_epochs = build_plan(settings, common, url)
     tracker = Tracker(tracking)  # checks the store (one line if it cannot be used)
-    state = VerdictState(open_storage(url), settings.name)
+    state = StudyStore(url, settings.name)
     new = fingerprint(settings, common, plans, final_epochs)
     old = state.get(FINGERPRINT)
     if old is not None:
@@ -216,7 +214,7 @@ def _run_stages(v: Verdict, scheduler: Scheduler) -> None:
     total = sum(s.n_trials for s in stages)
 
     def finished() -> int:
-        return sum(min(v.state.finished(s.study_name), s.n_trials) for s in stages)
+        return sum(min(v.state.progress(s.study_name).finished, s.n_trials) for s in stages)
 
     if not queue:
         return
@@ -264,21 +262,21 @@ def _analyse(v: Verdict, out: Path) -> None:
     from zsharp_sweeps.analysis import summarize, to_markdown, write_verdict
 
     results, budgets = [], []
-    device_s = {k[len("device_s."):]: float(val) for k, val in v.state.meta.user_attrs.items()
+    device_s = {k[len("device_s."):]: float(val) for k, val in v.state.attrs.items()
                 if k.startswith("device_s.")}
     epoch_s = worker_s = 0.0
     for plan in v.plans:
         chosen = v.selected(plan)
-        final = v.state.study(v.final_stage(plan, chosen).study_name)
-        tune = v.state.study(plan.tune.study_name)
-        assert final is not None and tune is not None and chosen is not None
+        assert chosen is not None
+        final = v.final_stage(plan, chosen).study_name
         try:
-            results += collect.seed_results(plan.name, final)
+            results += collect.seed_results(plan.name, v.state, final)
         except ValueError as exc:
             raise StageFailed(f"analysis: {exc}") from None
-        budgets.append(collect.arm_budget(plan.name, tune, chosen, device_s))
-        for study in (tune, final):
-            e, w = collect.epoch_seconds(study)
+        budgets.append(collect.arm_budget(plan.name, v.state, plan.tune.study_name, chosen,
+                                          device_s))
+        for study in (plan.tune.study_name, final):
+            e, w = v.state.epoch_seconds(study)
             epoch_s, worker_s = epoch_s + e, worker_s + w
     try:
         verdict = summarize(results, budgets, v.settings.reference)
@@ -313,7 +311,7 @@ def _analyse(v: Verdict, out: Path) -> None:
 
 def _cost(v: Verdict, epoch_s: float, worker_s: float) -> str:
     """Device minutes per stage and how much of the time went to anything but training."""
-    attrs = v.state.meta.user_attrs
+    attrs = v.state.attrs
     lines = ["| stage | device-minutes | wall minutes (sum over sweeps) |", "|---|---|---|"]
     for kind in ("tune", "final"):
         dev = sum(float(val) for k, val in attrs.items() if k.startswith(f"device_s.{kind}."))

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zsharp_sweeps.config import ConfigError
+from zsharp_sweeps.sweep.records import StudyStore
 from zsharp_sweeps.verdict.plan import Stage
-from zsharp_sweeps.verdict.state import VerdictState
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class Scheduler:
     """Starts stages as places free up (at most ``concurrent``), shares device time among
     the running ones, and stops them all on a signal."""
 
-    state: VerdictState
+    state: StudyStore
     concurrent: int
     n_devices: int
     extra_overrides: list[str]
@@ -148,7 +148,7 @@ def last_error(log_path: Path) -> str:
     return " | ".join(lines[-3:])
 
 
-def check_ended(r: Running, code: int, state: VerdictState) -> None:
+def check_ended(r: Running, code: int, state: StudyStore) -> None:
     """A sweep that ended on its own must have finished its study."""
     stage = r.stage
     if code == 2:
@@ -158,7 +158,7 @@ def check_ended(r: Running, code: int, state: VerdictState) -> None:
                           f"{last_error(r.log_path)} (log: {r.log_path})")
     if not state.done(stage.study_name, stage.n_trials):
         raise StageFailed(f"stage {stage.key} ended with its study unfinished "
-                          f"({state.finished(stage.study_name)}/{stage.n_trials}): "
+                          f"({state.progress(stage.study_name).finished}/{stage.n_trials}): "
                           f"see {r.log_path}")
 
 
