@@ -81,15 +81,21 @@ def _idx_bytes(arr: np.ndarray) -> bytes:
     return header + arr.astype(np.uint8).tobytes()
 
 
-def write_mnist(root: Path, folder: str = "MNIST", n_train: int = 100, n_test: int = 30,
-                gz: bool = False, seed: int = 0) -> dict[str, np.ndarray]:
-    """<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]."""
+def write_mnist(root: Path, folder: str | None = "MNIST", n_train: int = 100, n_test: int = 30,
+                gz: bool = False, seed: int = 0, mean_pixel: float | None = None
+                ) -> dict[str, np.ndarray]:
+    """<root>/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]; ``folder``
+    None: the files flat in ``root`` (Debian's layout). ``mean_pixel``: pixels 0 or 255 with
+    that mean (as a fraction), else uniform."""
     rng = np.random.default_rng(seed)
-    raw = root / folder / "raw"
+    raw = root / folder / "raw" if folder is not None else root
     raw.mkdir(parents=True, exist_ok=True)
     out = {}
     for prefix, key, n in (("train", "train", n_train), ("t10k", "test", n_test)):
-        x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        if mean_pixel is None:
+            x = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        else:
+            x = (rng.random((n, 28, 28)) < mean_pixel).astype(np.uint8) * 255
         y = rng.integers(0, 10, n).astype(np.uint8)
         for name, arr in ((f"{prefix}-images-idx3-ubyte", x), (f"{prefix}-labels-idx1-ubyte", y)):
             data = _idx_bytes(arr)

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import zsharp_sweeps.data.build as data_build
-from tests.data_fixtures import _idx_bytes, write_mnist
+from tests.data_fixtures import write_mnist
 from zsharp_sweeps.data import DatasetUnavailableError
 from zsharp_sweeps.data.sources import (
     DEBIAN_FASHION_MNIST,
@@ -53,22 +53,8 @@ _NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 def _write_flat(root: Path, name: str, gz: bool, seed: int = 0) -> dict[str, np.ndarray]:
     """The four idx files flat in ``root``, pixels 0 or 255 with ``name``'s mean pixel (flat
     files are checked to be the dataset they are read as)."""
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    p = get_spec(name).mean[0]
-    out = {}
-    for prefix, key, n in (("train", "train", 200), ("t10k", "test", 30)):
-        x = (rng.random((n, 28, 28)) < p).astype(np.uint8) * 255
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        for file, arr in ((f"{prefix}-images-idx3-ubyte", x), (f"{prefix}-labels-idx1-ubyte", y)):
-            data = _idx_bytes(arr)
-            if gz:
-                with gzip.open(root / (file + ".gz"), "wb") as f:
-                    f.write(data)
-            else:
-                (root / file).write_bytes(data)
-        out[f"{key}_x"], out[f"{key}_y"] = x, y
-    return out
+    return write_mnist(root, folder=None, n_train=200, n_test=30, gz=gz, seed=seed,
+                       mean_pixel=get_spec(name).mean[0])
 
 
 def _tree(root: Path) -> set[tuple[str, float]]:
