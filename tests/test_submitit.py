@@ -46,6 +46,7 @@ def test_launcher_recipes_tie_the_workers_to_n_jobs(
         assert (conf.gpus_per_node, conf.tasks_per_node) == (0, 1)
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_sweep_through_submitit_local_completes_two_trials(
     tmp_path: Path, mlflow_uri: str, experiment_name: str

@@ -116,6 +116,7 @@ def test_sigkill_of_the_main_process_leaves_no_worker_running(cwd: Path) -> None
     assert "RUNNING" not in status.values()  # (resuming is the SIGTERM test's part)
 
 
+@pytest.mark.long
 def test_a_killed_worker_is_noticed_by_the_heartbeat_and_its_trial_retried(cwd: Path) -> None:
     proc = start_sweep(cwd, "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=2", *LONG)
     running = wait_for(lambda: running_trials_with_reports(cwd), 180, "a trial training", proc)
