@@ -51,6 +51,20 @@ def _task_overrides() -> list[str]:
         return []
 
 
+def _sweep_without_multirun() -> str | None:
+    """The ``+sweep=NAME`` of a single run (no ``--multirun``): a search space that would
+    be ignored, the run training the defaults instead."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # called without Hydra (tests)
+        return None
+    name = hydra_cfg.runtime.choices.get("sweep")
+    return name if name and hydra_cfg.mode == RunMode.RUN else None
+
+
 def task(cfg: DictConfig) -> float | tuple[float, ...]:
     """Hydra's task function: one configuration (``study.n_seeds`` runs) trained and
     recorded in MLflow; returns the objective(s) for the sweeper.
@@ -59,6 +73,12 @@ def task(cfg: DictConfig) -> float | tuple[float, ...]:
     MLflow write is cut in half (a second signal stops at once); the run ends KILLED."""
     trial = current_context()  # a sweep trial's, made current by its worker
     context = trial or RunContext(overrides=_task_overrides())
+    sweep = None if trial is not None else _sweep_without_multirun()
+    if sweep is not None:
+        raise cli.BadInput() from ConfigError(
+            f"+sweep={sweep} is a sweep config: it needs --multirun (python -m "
+            f"zsharp_sweeps.train --multirun +sweep={sweep} ...); without it one ordinary run "
+            "would train and nothing would be swept")
     try:
         with graceful_stop():
             try:

@@ -368,6 +368,10 @@ class ZSharpOptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.job is not None
         space, grid = self._search_space(arguments)
+        if space.pinned:
+            values = {line.split("=", 1)[0].lstrip("+~"): line for line in space.fixed}
+            log.info("Pinned on the command line, not swept: "
+                     + ", ".join(values.get(k.lstrip("+~"), k) for k in space.pinned))
         storage = self._storage_url()
         self._check_urls(storage)
         self._check_configs(space)
@@ -403,9 +407,12 @@ class ZSharpOptunaSweeper(Sweeper):
         make_sampler = sampler_factory(self._sampler_conf(), grid)
         sampler_name = type(make_sampler(None)).__name__
         seed = self._sampler_conf().get("seed")
+        done = progress(study).finished
+        size = (f"{self.n_trials} trials ({done} done, {max(self.n_trials - done, 0)} to go)"
+                if done else f"{self.n_trials} trials")
         log.info(
             f"Study {study.study_name} in {storage} ({sampler_name}, seed {seed}): "
-            f"{self.n_trials} trials, {self.n_jobs} worker(s) on this host"
+            f"{size}, {self.n_jobs} worker(s) on this host"
         )
         tracker = self._tracker()
         devices = self._devices()  # before the parent run: CUDA's start can take seconds

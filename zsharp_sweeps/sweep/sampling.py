@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -178,10 +178,13 @@ def override_value(value: Any) -> str:
 @dataclass(frozen=True)
 class SearchSpace:
     """A sweep's overrides, split: the swept ones as Optuna distributions (in order), the
-    others verbatim (fixed values, ``~key`` deletions, group choices)."""
+    others verbatim (fixed values, ``~key`` deletions, group choices). ``pinned`` names the
+    keys a later plain value took out of the space (``optimizer.lr=0.05`` on the command line
+    over the sweep config's ``optimizer.lr: tag(log, interval(...))``)."""
 
     distributions: dict[str, BaseDistribution]
     fixed: list[str]
+    pinned: list[str] = field(default_factory=list)
 
 
 def parse_search_space(lines: Sequence[str]) -> SearchSpace:
@@ -190,12 +193,32 @@ def parse_search_space(lines: Sequence[str]) -> SearchSpace:
     by the stock plugin's own parser, so that a space means here exactly what it means to
     ``hydra/sweeper=optuna``. The one place this project reads hydra-optuna-sweeper's
     private module; the versions it was checked against are pinned by
-    ``tests/test_sweep_runtime.py``."""
+    ``tests/test_sweep_runtime.py``.
+
+    The last override of a key wins, as everywhere in Hydra: a plain value given after a
+    key's range (the command line comes after ``hydra.sweeper.params``) pins it, and the key
+    leaves the space (the stock sweeper treats a plain value as a fixed parameter too; it
+    used to be dropped here silently)."""
     space, fixed_params, _deletions = create_params_from_overrides(list(lines))
     parsed = OverridesParser.create().parse_overrides(list(lines))
+    last: dict[str, Any] = {}
+    for o in parsed:
+        last[o.key_or_group] = o
+    space = dict(space)
+    pinned = []
+    for name in list(space):
+        final = last.get(name.lstrip("+~"))
+        if final is not None and not final.is_sweep_override() and not final.is_delete():
+            del space[name]
+            pinned.append(name)
     fixed = [o.input_line for o in parsed
-             if o.get_key_element() not in space and o.input_line is not None]
-    return SearchSpace(dict(space), fixed)
+             if o.get_key_element() not in space and o.input_line is not None
+             and not (o.is_sweep_override() and o.key_or_group in map(_bare, pinned))]
+    return SearchSpace(space, fixed, pinned)
+
+
+def _bare(key: str) -> str:
+    return key.lstrip("+~")
 
 
 def grid_choices(distribution: BaseDistribution) -> list[Any]:
