@@ -33,7 +33,7 @@ from zsharp_sweeps.training.checkpoint import (
 )
 from zsharp_sweeps.training.device import seed_everything
 from zsharp_sweeps.training.engine import fit
-from zsharp_sweeps.training.run import _sharpness_fn, run_training
+from zsharp_sweeps.training.run import sharpness_fn, run_training
 from zsharp_sweeps.training.schedule import build_scheduler
 
 from .conftest import REPO
@@ -101,13 +101,13 @@ def test_fit_resumed_after_epoch_2_equals_the_uninterrupted_fit(
         return data, model, optimizer
 
     data, model, optimizer = parts()
-    whole = fit(model, optimizer, data, cfg, sharpness_fn=_sharpness_fn(cfg, data),
+    whole = fit(model, optimizer, data, cfg, sharpness_fn=sharpness_fn(cfg, data),
                 checkpointer=Checkpointer(tmp_path / "whole"))
     whole_params = {k: v.clone() for k, v in model.state_dict().items()}
 
     data, model, optimizer = parts()
     with pytest.raises(_Killed):
-        fit(model, optimizer, data, cfg, sharpness_fn=_sharpness_fn(cfg, data),
+        fit(model, optimizer, data, cfg, sharpness_fn=sharpness_fn(cfg, data),
             checkpointer=_DieAfter(tmp_path / "killed", epoch=2))
     assert latest_checkpoint(tmp_path / "killed").name == "epoch-0002.pt"
 
@@ -116,7 +116,7 @@ def test_fit_resumed_after_epoch_2_equals_the_uninterrupted_fit(
     torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)
     seen: list[int] = []
     resumed = fit(
-        model, optimizer, data, cfg, sharpness_fn=_sharpness_fn(cfg, data),
+        model, optimizer, data, cfg, sharpness_fn=sharpness_fn(cfg, data),
         on_epoch_end=[lambda epoch, _: seen.append(epoch)],
         checkpointer=Checkpointer(tmp_path / "killed"),
         resume=load_checkpoint(latest_checkpoint(tmp_path / "killed")),

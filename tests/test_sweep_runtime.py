@@ -4,7 +4,9 @@ surplus guard, the stop file and watchdog, a worker that keeps its data warm."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -209,23 +211,31 @@ def _plans(tmp_path: Path, storage: str, study_name: str, devices: list[str],
     return study, host
 
 
-def test_worker_runs_trials_in_process_with_its_data_kept_warm(tmp_path: Path) -> None:
+def test_worker_runs_trials_in_process_with_its_data_kept_warm(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from zsharp_sweeps.train import task
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="w", storage=storage, direction="maximize")
+    # hardware.warmup_steps=2: the worker trains 2 steps of the base config before its first
+    # trial (on CUDA that is the default; on a CPU it is off unless asked).
     fixed = ["data=digits", "hardware=cpu", "model=mlp", "model.params.hidden=16",
-             "trainer.epochs=1", "trainer.progress=false", "tracking=off", "sharpness=none"]
-    with worker_job(fixed, tmp_path / "sweep", task) as job:
+             "trainer.epochs=1", "trainer.progress=false", "tracking=off", "sharpness=none",
+             "hardware.warmup_steps=2"]
+    with worker_job(fixed, tmp_path / "sweep", task) as job, caplog.at_level(logging.INFO):
         job.study, job.host = _plans(
             tmp_path, storage, "w", ["cpu:0", "cpu:1"],
             {"optimizer.lr": CategoricalDistribution([0.05, 0.1])}, 3, os.getpid(), fixed)
         summary = Worker.join(job, index=1).run()
+    # Every trial, the first included, found the data the warm-up built.
     assert summary == {"worker": summary["worker"], "device": "cpu:1", "trials": 3,
-                       "stopped": None, "data_cache_hits": 2}
+                       "warmup_s": summary["warmup_s"], "stopped": None, "data_cache_hits": 3}
+    assert summary["warmup_s"] > 0
+    assert re.search(r"Worker \S+/1 warmed up in [\d.]+s \(2 steps, fp32\)", caplog.text)
     study = optuna.load_study(study_name="w", storage=storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 3
     assert {t.user_attrs["worker"]["device"] for t in study.trials} == {"cpu:1"}
+    assert {t.user_attrs["worker"]["warmup_s"] for t in study.trials} == {summary["warmup_s"]}
     # A reused (warm) dataset trains exactly like a fresh one: 3 trials over 2 choices, so
     # at least two share their parameters, and those reach the same value.
     by_lr: dict[float, list[float]] = {}

@@ -340,6 +340,10 @@ class HardwareConfig:
     # workers in all: set it to device_count x trials_per_gpu). 2 for short trials: one
     # worker's evaluation and logging overlap the other's training (docs/sweeps.md).
     trials_per_gpu: int = 1
+    # In a sweep: optimizer steps each worker trains on a throwaway model before its first
+    # trial, so cuDNN, CUDA graphs, Triton and compile are warm for every trial
+    # (training/warmup.py). null: 8 on CUDA, 0 elsewhere; 0: off.
+    warmup_steps: int | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -358,6 +362,8 @@ class HardwareConfig:
                ">= 0")
         _check(self.num_threads >= 0, "hardware.num_threads", self.num_threads, ">= 0")
         _check(self.trials_per_gpu >= 1, "hardware.trials_per_gpu", self.trials_per_gpu, ">= 1")
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "hardware.warmup_steps",
+               self.warmup_steps, ">= 0, or null (8 on CUDA, 0 elsewhere)")
 
 
 SCHEDULERS = ("none", "cosine", "step", "multistep")

@@ -177,6 +177,7 @@ class Worker:
         self.gpu: str | None = None  # the UUID of the card it runs on, read back from CUDA
         self._current: int | None = None
         self._started = self._loaded = time.time()
+        self.warmup_s = 0.0  # training steps before the first trial (training/warmup.py)
 
     @classmethod
     def join(cls, job: WorkerJob, index: int) -> Worker:
@@ -222,6 +223,7 @@ class Worker:
                                    name="zsharp-stale-trials")
         monitor.start()
         try:
+            self._warm_up()
             while True:
                 check_stop()
                 self._fail_stale()
@@ -249,7 +251,30 @@ class Worker:
         finally:
             done.set()
         return {"worker": self.label, "device": self.device, "trials": self.trials_run,
+                "warmup_s": self.warmup_s,
                 "stopped": stopped, "data_cache_hits": self.data_cache.hits}
+
+    def _warm_up(self) -> None:
+        """A few real steps of the sweep's base configuration before the first trial, so
+        every trial starts with data, cuDNN, graphs and kernels warm (``training.warmup``).
+        Only for this project's training (a config with ``hardware``); a warm-up that fails
+        is skipped: the first trial then meets the same problem and is recorded with it."""
+        from zsharp_sweeps.training.warmup import warm_up
+
+        context = RunContext(device=self.compute_device, device_label=self.device,
+                             data_cache=self.data_cache)
+        try:
+            cfg = self._compose(-1, list(self.plan.fixed_overrides))
+            if OmegaConf.select(cfg, "hardware") is None:
+                return
+            result = warm_up(cfg, context)
+        except Exception as exc:
+            log.warning(f"Worker {self.label}: no warm-up ({type(exc).__name__}: {exc}); "
+                        "its first trial pays for it")
+            return
+        self.warmup_s = result.seconds
+        if result.steps:
+            log.info(result.line(f"Worker {self.label}"))
 
     def _fail_stale(self) -> None:
         """Trials whose worker stopped beating: FAIL, and enqueue their retry."""
@@ -340,7 +365,7 @@ class Worker:
         trial.set_user_attr("worker", {"host": self.host, "pid": os.getpid(),
                                        "index": self.index, "device": self.device,
                                        "compute_device": self.compute_device,
-                                       "gpu": self.gpu})
+                                       "gpu": self.gpu, "warmup_s": self.warmup_s})
         trial.set_user_attr(INTERRUPTED_ATTR, False)  # a retry copies its original's attrs
         try:
             return self._run(trial, started)

@@ -122,7 +122,7 @@ def _resolved(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # ----- one run ---------------------------------------------------------------------------
-def _sharpness_fn(cfg: TrainConfig, data):
+def sharpness_fn(cfg: TrainConfig, data):
     """Sharpness metrics due at an epoch, on fixed un-augmented training batches."""
     scfg = cfg.sharpness
     if not (scfg.sam or scfg.hessian_top_eig or scfg.hessian_trace):
@@ -228,7 +228,7 @@ def _run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
             result = fit(
                 model, optimizer, data, cfg,
                 on_epoch_end=[log_epoch, *context.callbacks],
-                sharpness_fn=_sharpness_fn(cfg, data),
+                sharpness_fn=sharpness_fn(cfg, data),
                 checkpointer=checkpointer,
                 resume=resume.payload if resume is not None else None,
             )
