@@ -377,3 +377,42 @@ def test_learning_verdicts() -> None:
     no_val = [{"train_loss": 2.3, "train_acc": 0.105}]
     problem = learning_problem(no_val, 10, 0, 5000)
     assert problem.verdict == "stuck_at_chance" and "train_acc" in problem.message
+
+
+# ---- Hydra's own errors: one line, exit status 2 -------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["hardware=gpu"], "error: hardware=gpu is invalid: In 'config': Could not find "
+     "'hardware/gpu'. Available options in 'hardware': auto, cpu, cuda, gpu_fast, mps"),
+    (["optimizer.rh=0.1"], "error: Could not override 'optimizer.rh': Key 'rh' not in "
+     "'ZSharpConfig'. Did you mean: 'rho'? To append to your config use +optimizer.rh=0.1"),
+    (["--multirun", "+sweep=percentile_grid", "--cfg", "job"],
+     "error: Only one of --run, --multirun, --cfg, --info and --shell_completion can be "
+     "specified"),
+])
+def test_a_config_that_does_not_compose_is_one_line_and_exit_2(
+    argv: list[str], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Hydra's message (its list of options, its "Did you mean") kept, on one line."""
+    code, stderr = run_main(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert _one_line(stderr) == expected
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_verdict_command_shares_the_edge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from zsharp_sweeps.verdict.__main__ import entry_point
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["zsharp_sweeps.verdict", "verdict=nope"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        entry_point()
+    assert info.value.code == 2
+    assert _one_line(capsys.readouterr().err).startswith(
+        "error: verdict=nope is invalid: In 'verdict': Could not find 'verdict/nope'. "
+        "Available options in 'verdict': equal_budget, review_grid")

@@ -157,7 +157,7 @@ def test_cli_run_writes_to_the_default_store_under_mlruns(tmp_path: Path) -> Non
         ("optimizer.percentile=70", 2, "Did you mean 0.7?"),
         ("optimizer.lr=0", 2, "error: optimizer.lr=0.0 is invalid"),
         ("trainer.epochs=0", 2, "error: trainer.epochs=0 is invalid"),
-        ("optimizer=nope", 1, "Could not find 'optimizer/nope'"),  # Hydra's composition error
+        ("optimizer=nope", 2, "Could not find 'optimizer/nope'"),  # Hydra's composition error: bad input too
     ],
 )
 def test_entry_point_bad_input_exits_nonzero_and_writes_nothing(

@@ -4,7 +4,9 @@ Inside, everything raises: bad input of any kind is a ``ConfigError`` (or a data
 cannot be had, ``DatasetUnavailableError``) naming the setting, a stop by a signal is a
 ``KeyboardInterrupt`` (``Terminated``, ``Stopped``). Here they become what a shell and a
 scheduler read: one line on stderr and exit status 2 for bad input, 128 + the signal for a
-stop, Hydra's own one-line message and status 1 for a config that does not compose.
+stop. A config that does not compose (an unknown option, a misspelled key, an override
+Hydra cannot parse, two commands such as ``--multirun --cfg job``) is bad input too: Hydra's
+own message (its "Did you mean ...", its list of available options) flattened to one line.
 
 Two ways through Hydra lead here. Hydra reports an exception that leaves its sweeper (or
 any other part of the app outside a job) itself, as a traceback and status 1, unless
@@ -50,12 +52,10 @@ def edge() -> Iterator[None]:
     try:
         yield
     except CompactHydraException as exc:  # composition: what Hydra itself would print
-        print(exc, file=sys.stderr)
-        if isinstance(exc.__cause__, OmegaConfBaseException):
-            print(exc.__cause__, file=sys.stderr)
-        sys.exit(1)
+        print(f"error: {hydra_message(exc)}", file=sys.stderr)
+        sys.exit(BAD_INPUT)
     except BadInput as exc:
-        print(f"error: {exc.__cause__}", file=sys.stderr)
+        print(f"error: {one_line(str(exc.__cause__))}", file=sys.stderr)
         sys.exit(BAD_INPUT)
     except Stopped as exc:
         print(exc, file=sys.stderr)
@@ -64,12 +64,68 @@ def edge() -> Iterator[None]:
         print(f"stopped ({exc or 'Ctrl-C'}): the run ends KILLED", file=sys.stderr)
         sys.exit(exit_code(exc))
     except Exception as exc:
+        if isinstance(exc, ValueError) and _raised_by_hydra(exc):  # its command-line parser
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+            sys.exit(BAD_INPUT)
         if not isinstance(exc, bad_input_errors()):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(BAD_INPUT)
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = previous
+
+
+# Lines of Hydra's and OmegaConf's messages that say nothing to a user of this command.
+_NOISE = ("full_key:", "object_type=", "reference_type=", "See https://hydra.cc/")
+
+
+def one_line(text: str) -> str:
+    """A multi-line message as one line: list items (tab-indented lines, Hydra's available
+    options) joined by commas after their heading, OmegaConf's ``full_key:``/``object_type=``
+    lines and Hydra's config search path dropped, sentences joined."""
+    text = text.split("\nConfig search path:", 1)[0]
+    parts: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        if raw.startswith("\t") and parts:  # an item of the list the previous line heads
+            sep = " " if parts[-1].endswith(":") else ", "
+            parts[-1] = f"{parts[-1]}{sep}{line}"
+        elif parts:
+            sep = " " if parts[-1].endswith((".", ":", "?", "!", ";")) else ". "
+            parts[-1] = f"{parts[-1]}{sep}{line}"
+        else:
+            parts.append(line)
+    return parts[0] if parts else text.strip()
+
+
+def hydra_message(exc: CompactHydraException) -> str:
+    """Hydra's composition error as one line, naming the override where Hydra knows it
+    (``hardware=gpu`` for a missing option ``hardware/gpu``)."""
+    text = str(exc)
+    if isinstance(exc.__cause__, OmegaConfBaseException):  # what was wrong, then the advice
+        first, _, rest = text.partition("\n")
+        text = f"{first.rstrip('.')}: {one_line(str(exc.__cause__))}\n{rest}"
+    message = one_line(text)
+    missing = getattr(exc, "missing_cfg_file", None)
+    if getattr(exc, "options", None) and missing and "/" in missing:
+        group, option = missing.rsplit("/", 1)
+        message = f"{group}={option} is invalid: {message}"
+    return message
+
+
+def _raised_by_hydra(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by Hydra's command-line handling (``Only one of --run,
+    --multirun, --cfg ...``, ``The --resolve flag can only be used ...``), not by the app it
+    runs: the frame that raised it is in the module of Hydra's ``_run_hydra``. Only read,
+    never called: no private Hydra API is used."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__") == "hydra._internal.utils"

@@ -1,22 +1,28 @@
 """``python -m zsharp_sweeps.verdict``: the Hydra adapter of the verdict (see ``app``).
 
-Bad input is one line on stderr and exit status 2, before anything is created; a stop
-(SIGTERM, Ctrl-C) leaves every stage resumable and exits 128 + the signal.
+Bad input is one line on stderr and exit status 2, before anything is created (a config
+that does not compose too: ``zsharp_sweeps.cli``); a stop (SIGTERM, Ctrl-C) leaves every
+stage resumable and exits 128 + the signal.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from zsharp_sweeps import cli
 from zsharp_sweeps.config import ConfigError, register_configs, section
 from zsharp_sweeps.training.signals import exit_code, graceful_stop
 from zsharp_sweeps.verdict.settings import load_settings, register_verdict_schema
 
 register_configs()
 register_verdict_schema()
+
+# An absolute path: the same whether this runs as ``__main__`` or as an imported module.
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _devices(cfg: DictConfig) -> tuple[int, str]:
@@ -30,7 +36,7 @@ def _devices(cfg: DictConfig) -> tuple[int, str]:
     return 1, "cpu" if hardware.device in ("auto", "cpu") else hardware.device
 
 
-@hydra.main(config_path="../../conf", config_name="verdict")
+@hydra.main(config_path=CONF_DIR, config_name="verdict")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -59,5 +65,12 @@ def main(cfg: DictConfig) -> None:
         sys.exit(exit_code(exc))
 
 
+def entry_point() -> None:
+    """The command: Hydra's own errors (an unknown option, a misspelled key) are one line
+    and exit status 2 too (``zsharp_sweeps.cli.edge``)."""
+    with cli.edge():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    entry_point()
