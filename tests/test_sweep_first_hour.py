@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -74,3 +73,94 @@ def test_a_plain_value_after_a_range_pins_the_key() -> None:
     # A range given after a plain value still sweeps (the last override wins).
     again = parse_search_space(["optimizer.lr=0.1", "optimizer.lr=choice(0.01, 0.1)"])
     assert list(again.distributions) == ["optimizer.lr"] and again.pinned == []
+
+
+# ---- 1. search spaces follow the model's recipe --------------------------------------------
+
+
+def _compose(config: str, overrides: list[str]):
+    from zsharp_sweeps.config import register_configs
+    from zsharp_sweeps.verdict.settings import register_verdict_schema
+
+    register_configs()
+    register_verdict_schema()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose(config, overrides=overrides, return_hydra_config=config == "config")
+
+
+SGD_LR, ADAM_LR = "tag(log, interval(0.01, 0.5))", "tag(log, interval(1e-4, 1e-2))"
+
+
+@pytest.mark.parametrize(("overrides", "lr", "rho"), [
+    (["+sweep=zsharp_rho_qp_lr"], SGD_LR, "tag(log, interval(0.01, 0.5))"),
+    # model=vit brings Adam at lr 1e-3 (conf/model/optimizer/vit_zsharp.yaml): Adam's range.
+    (["+sweep=zsharp_rho_qp_lr", "model=vit"], ADAM_LR, "tag(log, interval(0.01, 0.5))"),
+    (["+sweep=zsharp_random", "optimizer.base=adamw"], ADAM_LR, "tag(log, interval(0.01, 0.5))"),
+    # ASAM's rho on its paper's scale (its perturbation is scaled by |w|).
+    (["+sweep=lr_rho_grid", "optimizer=asam"], "choice(0.01, 0.05, 0.1, 0.2, 0.3)",
+     "choice(0.1, 0.5, 1.0)"),
+])
+def test_sweep_ranges_follow_the_optimizer_and_its_base(overrides, lr, rho) -> None:
+    params = _compose("config", overrides).hydra.sweeper.params
+    assert (params["optimizer.lr"], params["optimizer.rho"]) == (lr, rho)
+
+
+def test_the_verdict_reads_the_same_ranges() -> None:
+    cfg = _compose("verdict", ["model=vit"])
+    verdict = OmegaConf.to_container(cfg.verdict, resolve=True)
+    assert verdict["lr_space"] == OmegaConf.to_container(cfg.study.spaces.lr, resolve=True)
+    assert verdict["lr_space"]["adam"] == ADAM_LR
+    assert verdict["arms"]["asam"]["space"]["optimizer.rho"] == "tag(log, interval(0.1, 5.0))"
+
+
+# ---- 1, 3, 4, 5 through a real sweep -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pinned_keys_recipe_warnings_resume_progress_and_changed_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A plain value on the command line pins the key; a range that excludes the recipe's
+    # value is flagged before anything starts.
+    first = run_sweep(tmp_path, "hydra.sweeper.n_trials=1", "optimizer.lr=0.05",
+                      "optimizer.rho=tag(log, interval(0.1, 0.5))", base=TINY_SWEEP)
+    out = first.stdout + first.stderr
+    assert "Pinned on the command line, not swept: optimizer.lr=0.05" in out, out[-3000:]
+    assert ("optimizer.rho: the swept range tag(log, interval(0.1, 0.5)) excludes the recipe's "
+            "value optimizer.rho=0.05 (model=mlp, optimizer=zsharp)") in out
+    study = load_study(tmp_path, TINY_STUDY)
+    (trial,) = study.trials
+    assert sorted(trial.params) == ["optimizer.percentile", "optimizer.rho"]
+    ran = (tmp_path / "multirun" / TINY_STUDY / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "optimizer.lr=0.05" in ran
+
+    # The same command resumed says how far the study is.
+    same = ("optimizer.lr=0.05", "optimizer.rho=tag(log, interval(0.1, 0.5))")
+    second = run_sweep(tmp_path, "hydra.sweeper.n_trials=2", *same, base=TINY_SWEEP)
+    assert "2 trials (1 done, 1 to go), 1 worker(s)" in second.stdout + second.stderr
+
+    # Another fixed setting, or another space: refused in one line before any trial.
+    refusals = [
+        (["trainer.epochs=2", *same], ["trainer.epochs: 1 -> 2", "allow_changed_settings=true",
+                                       f"hydra.sweeper.study_name={TINY_STUDY}-2"]),
+        (["optimizer.lr=0.05", "optimizer.rho=tag(log, interval(0.1, 0.4))"],
+         ["search space optimizer.rho: FloatDistribution(high=0.5"]),
+        (["optimizer.rho=tag(log, interval(0.1, 0.5))"], ["search space optimizer.lr: (unset)"]),
+        # A kind of distribution Optuna cannot mix with the study's trials: always refused.
+        ([*same, "optimizer.percentile=choice(0.5, 0.9)"],
+         ["changed in a way Optuna cannot resume", "optimizer.percentile"]),
+    ]
+    for extra, named in refusals:
+        argv = [*TINY_SWEEP, "hydra.sweeper.n_trials=3", *extra]
+        code, stderr = run_main(argv, tmp_path, monkeypatch, capsys)
+        assert code == 2, stderr[-3000:]
+        line = _one_line(stderr)
+        assert all(n in line for n in named), line
+    assert len(load_study(tmp_path, TINY_STUDY).trials) == 2
+
+    # Accepted deliberately: the sweep goes on (here: nothing left to run) and says so.
+    monkeypatch.chdir(tmp_path)
+    accept = run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "trainer.epochs=2", *same,
+                       "hydra.sweeper.allow_changed_settings=true", base=TINY_SWEEP)
+    assert "resumed with changed settings" in accept.stdout + accept.stderr
+    assert "trainer.epochs: 1 -> 2" in accept.stdout + accept.stderr

@@ -30,6 +30,10 @@ class ZSharpOptunaSweeperConf(OptunaSweeperConf):
     # artifacts). null: for this project's training config (it has a tracking group), not
     # for other apps. A verdict's stages turn it off: the verdict writes its own analysis.
     report: bool | None = None
+    # A rerun of a study whose fixed settings or search space differ from those its earlier
+    # trials ran with is refused (resumes never mix settings); true accepts the change
+    # deliberately (a warning, and tags on the MLflow parent run).
+    allow_changed_settings: bool = False
 
 
 ConfigStore.instance().store(

@@ -69,9 +69,18 @@ from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
 from zsharp_sweeps.sweep.progress import counted_trials, progress
 from zsharp_sweeps.sweep.protocols import ChecksConfig, PrestartingLauncher
 from zsharp_sweeps.sweep.quiet import optuna_experimental
+from zsharp_sweeps.sweep.resume import (
+    SETTINGS_ATTR,
+    SPACE_ATTR,
+    differences,
+    fixed_settings,
+    incompatible,
+    space_settings,
+)
 from zsharp_sweeps.sweep.sampling import (
     SearchSpace,
     corner_values,
+    excludes,
     grid_choices,
     is_grid_sampler,
     override_value,
@@ -128,7 +137,7 @@ class ZSharpOptunaSweeper(Sweeper):
                  custom_search_space: str | None, params: DictConfig | None,
                  heartbeat_interval: int = 10, grace_period: int | None = None,
                  max_retry: int = 3, devices: list[str] | None = None,
-                 report: bool | None = None) -> None:
+                 report: bool | None = None, allow_changed_settings: bool = False) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate} is invalid: "
                               "allowed a fraction in [0, 1].")
@@ -149,6 +158,8 @@ class ZSharpOptunaSweeper(Sweeper):
         self.max_retry = max_retry
         self.devices = list(devices) if devices else None
         self.report = report
+        self.allow_changed_settings = allow_changed_settings
+        self.accepted_changes: list[str] = []
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
@@ -191,6 +202,7 @@ class ZSharpOptunaSweeper(Sweeper):
         size)."""
         lines = [f"{k!s}={v}" for k, v in (self.params or {}).items()] + list(arguments)
         space = parse_search_space(lines)
+        self._space_lines = {ln.split("=", 1)[0]: ln.split("=", 1)[-1] for ln in lines}
         grid = None
         if is_grid_sampler(self._sampler_conf()):
             try:
@@ -251,6 +263,26 @@ class ZSharpOptunaSweeper(Sweeper):
                     f"{exc}" + (f" (with the swept values {swept})" if swept else "")
                 ) from None
 
+    def _warn_recipe_conflicts(self, space: SearchSpace) -> None:
+        """A warning for each swept number whose range excludes the value the composed config
+        (the model's recipe: ``model=vit`` brings Adam at lr 1e-3) gives it: an SGD lr range
+        forced on Adam makes every trial diverge. A warning, not a refusal: exploring beyond
+        a recipe is a sweep's right, as with any Optuna sweeper."""
+        assert self.config is not None
+        choices = self.config.hydra.runtime.choices if "runtime" in self.config.hydra else {}
+        recipe = ", ".join(f"{g}={choices[g]}" for g in ("model", "optimizer")
+                           if choices and choices.get(g))
+        for name, distribution in space.distributions.items():
+            key = name.lstrip("+~")
+            value = OmegaConf.select(self.config, key, default=None, throw_on_missing=False)
+            if excludes(distribution, value):
+                line = getattr(self, "_space_lines", {}).get(name)
+                log.warning(
+                    f"{key}: the swept range {line or distribution} excludes the recipe's "
+                    f"value {key}={value}" + (f" ({recipe})" if recipe else "")
+                    + ": if the recipe is right, every trial may diverge or stay at chance "
+                    "(sweep configs follow the recipe by themselves: study.spaces)")
+
     # ----- the study ---------------------------------------------------------------------
     def _open_study(self, storage: str) -> optuna.Study:
         from zsharp_sweeps.sweep.storage import open_storage
@@ -283,6 +315,42 @@ class ZSharpOptunaSweeper(Sweeper):
                 "new hydra.sweeper.study_name"
             )
         return study
+
+    def _check_resume(self, study: optuna.Study, space: SearchSpace) -> None:
+        """A rerun of a study runs its new trials with the settings and the search space of
+        the earlier ones (``zsharp_sweeps.sweep.resume``): stored at the study's creation,
+        compared on every rerun, a difference refused in one line before any trial starts,
+        unless ``hydra.sweeper.allow_changed_settings=true`` accepts it. A space Optuna
+        cannot take next to the study's trials is refused in any case."""
+        assert self.config is not None
+        new_study = f"a new study: hydra.sweeper.study_name={study.study_name}-2 (or another name)"
+        clash = incompatible(study, space.distributions)
+        if clash:
+            raise ConfigError(
+                f"the search space of study {study.study_name!r} changed in a way Optuna cannot "
+                f"resume ({'; '.join(clash)}): rerun with its earlier space, or start {new_study}")
+        settings = fixed_settings(self.config, space.distributions)
+        swept = space_settings(space.distributions)
+        old_settings = study.user_attrs.get(SETTINGS_ATTR)
+        old_space = study.user_attrs.get(SPACE_ATTR)
+        changed = []
+        if old_settings is not None:
+            changed += differences(old_settings, settings)
+        if old_space is not None:
+            changed += differences(old_space, swept, "search space ")
+        if changed and not self.allow_changed_settings:
+            raise ConfigError(
+                f"study {study.study_name!r} ran its {len(study.trials)} trial(s) with other "
+                f"settings ({'; '.join(changed)}): rerun with the same settings to resume, start "
+                f"{new_study}, or accept the change with hydra.sweeper.allow_changed_settings=true")
+        if changed:
+            log.warning(f"Study {study.study_name}: resumed with changed settings "
+                        f"(hydra.sweeper.allow_changed_settings=true): {'; '.join(changed)}")
+            self.accepted_changes = changed
+        if old_settings is None:
+            study.set_user_attr(SETTINGS_ATTR, settings)
+        if old_space is None:
+            study.set_user_attr(SPACE_ATTR, swept)
 
     def _devices(self) -> list[str]:
         if self.devices:
@@ -375,6 +443,7 @@ class ZSharpOptunaSweeper(Sweeper):
         storage = self._storage_url()
         self._check_urls(storage)
         self._check_configs(space)
+        self._warn_recipe_conflicts(space)
         # The launcher's worker processes start now (zsharp_workers: imports take seconds),
         # while the study and the MLflow parent run are set up; they get the plans at launch.
         prestarting = isinstance(self.launcher, PrestartingLauncher) and self.n_jobs > 1
@@ -397,6 +466,7 @@ class ZSharpOptunaSweeper(Sweeper):
         if sqlite_path(storage) is not None:
             sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
         study = self._open_study(storage)
+        self._check_resume(study, space)
         objectives = self.app.objectives or []
         if len(objectives) != len(study.directions):
             objectives = []
@@ -420,6 +490,9 @@ class ZSharpOptunaSweeper(Sweeper):
         status, error = "FAILED", None
         try:  # from here on the parent run ends KILLED/FAILED/FINISHED whatever happens
             parent_run_id = self._parent_run(tracker, study, space, sampler_name)
+            if self.accepted_changes and tracker.enabled:
+                tracker.set_tags({"allow_changed_settings": "true",
+                                  "changed_settings": "; ".join(self.accepted_changes)[:4900]})
             study_pruner = self.app.study
             self.job.study = StudyPlan(
                 study_name=study.study_name, storage=storage, n_trials=self.n_trials,

@@ -486,6 +486,11 @@ class StudyConfig:
     pruner_reduction_factor: int = 3
     # Repeat each configuration over this many seeds (seed, seed+1, ...); objective = mean.
     n_seeds: int = 1
+    # The search ranges the sweep configs (conf/sweep/) and the verdict (conf/verdict/) read,
+    # in Hydra's Optuna-sweeper syntax: lr and lr_grid by base optimizer (optimizer.base: an
+    # SGD range for SGD, an Adam range for Adam), rho and rho_grid by optimizer (each on its
+    # paper's scale: ASAM's rho is ~10x SAM's). conf/study/default.yaml holds the values.
+    spaces: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(

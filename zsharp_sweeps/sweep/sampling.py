@@ -221,6 +221,25 @@ def _bare(key: str) -> str:
     return key.lstrip("+~")
 
 
+def excludes(distribution: BaseDistribution, value: Any) -> bool:
+    """Whether a numeric search-space entry cannot reach ``value`` (a range whose ends both
+    lie on one side of it, or numeric choices that all do): the recipe's own value is
+    outside what the sweep tries."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(distribution, (FloatDistribution, IntDistribution)):
+        low, high = distribution.low, distribution.high
+    elif isinstance(distribution, CategoricalDistribution):
+        numbers = [c for c in distribution.choices
+                   if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        if len(numbers) != len(distribution.choices) or not numbers:
+            return False
+        low, high = min(numbers), max(numbers)
+    else:
+        return False
+    return not low <= value <= high
+
+
 def grid_choices(distribution: BaseDistribution) -> list[Any]:
     """Every value a discrete distribution takes, both ends included (what Optuna's grid
     sampler enumerates)."""
