@@ -164,3 +164,53 @@ def test_pinned_keys_recipe_warnings_resume_progress_and_changed_settings(
                        "hydra.sweeper.allow_changed_settings=true", base=TINY_SWEEP)
     assert "resumed with changed settings" in accept.stdout + accept.stderr
     assert "trainer.epochs: 1 -> 2" in accept.stdout + accept.stderr
+
+
+# ---- 2. a sweep that did not learn says so, with advice that fits what ran -----------------
+
+
+@pytest.mark.parametrize(("overrides", "says", "not_says"), [
+    # ResNet-20 on SGD at a usual lr, 1 epoch: the epochs, not a ViT's recipe.
+    (["model=resnet20", "optimizer.lr=0.04", "trainer.epochs=1"],
+     "optimizer.base=sgd optimizer.lr=0.04 is a usual setting for resnet20, so 1 epoch(s) are "
+     "probably too few", "ViT"),
+    (["model=vit", "optimizer.base=sgd", "optimizer.lr=0.1"],
+     "model=vit does not train with SGD", "epoch(s)"),
+    (["model=vit", "optimizer.lr=0.3"],
+     "optimizer.lr=0.3 is high for optimizer.base=adam: its usual range is "
+     "tag(log, interval(1e-4, 1e-2))", "ViT"),
+])
+def test_the_did_not_learn_advice_fits_the_model_and_optimizer(overrides, says, not_says) -> None:
+    from zsharp_sweeps.config import validate
+    from zsharp_sweeps.training.health import learning_advice, learning_problem
+
+    cfg = validate(_compose("config", ["data=digits", *overrides]))
+    advice = learning_advice(cfg)
+    assert says in advice and not_says not in advice
+    problem = learning_problem([{"train_loss": 2.3, "val_acc": 0.11}], 10, 200, 1000, advice)
+    assert problem.message.endswith(f"guessing): {advice}.")
+
+
+def _study(best_val_accs: list[float]):
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    study = optuna.create_study(direction="maximize")
+    for i, acc in enumerate(best_val_accs):
+        study.add_trial(create_trial(
+            value=acc, params={"optimizer.lr": 0.01 * (i + 1)},
+            distributions={"optimizer.lr": FloatDistribution(0.001, 1.0)},
+            user_attrs={"metrics": {"best_val_acc": acc, "chance_acc": 0.1636}}))
+    return study
+
+
+def test_a_report_whose_best_trial_is_at_chance_says_so_at_its_top(tmp_path: Path) -> None:
+    from zsharp_sweeps.report import write_report
+
+    write_report(_study([0.10, 0.145]), tmp_path / "chance")
+    top = (tmp_path / "chance" / "summary.txt").read_text().splitlines()[:3]
+    assert top[2].startswith("THE SWEEP DID NOT LEARN: its best trial (1, best_val_acc 0.1450) "
+                             "is at chance (below 0.1636"), top
+    write_report(_study([0.10, 0.9]), tmp_path / "learned")
+    assert "DID NOT LEARN" not in (tmp_path / "learned" / "summary.txt").read_text()

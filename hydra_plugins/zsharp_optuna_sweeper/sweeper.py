@@ -605,6 +605,11 @@ class ZSharpOptunaSweeper(Sweeper):
         if len(study.directions) == 1 and state.complete:
             best = study.best_trial
             lines.append(f"  best value {best.value:.4f}: trial {best.number} {best.params}")
+        from zsharp_sweeps.report import at_chance
+
+        chance = at_chance(counted_trials(study.get_trials(deepcopy=False)))
+        if chance:
+            lines.insert(1, f"  {chance}")
         lines.append(f"  results: {sweep_dir / 'optimization_results.yaml'}")
         if (sweep_dir / "report").exists():
             lines.append(f"  report:  {sweep_dir / 'report'}")

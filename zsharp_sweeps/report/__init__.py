@@ -162,6 +162,25 @@ def mlflow_results(
     return results
 
 
+def at_chance(trials: Sequence[FrozenTrial]) -> str | None:
+    """A warning when no complete trial learned: the best ``best_val_acc`` of the sweep is
+    within the chance band its runs recorded (``chance_acc``: 1/classes + 3 binomial standard
+    deviations on the validation images), so its "best settings" are noise."""
+    scored = [(t.user_attrs.get("metrics") or {}, t.number) for t in trials
+              if t.state == TrialState.COMPLETE]
+    scored = [(m["best_val_acc"], m["chance_acc"], n) for m, n in scored
+              if "best_val_acc" in m and "chance_acc" in m]
+    if not scored:
+        return None
+    acc, band, number = max(scored)
+    if acc > band:
+        return None
+    return (f"THE SWEEP DID NOT LEARN: its best trial ({number}, best_val_acc {acc:.4f}) is at "
+            f"chance (below {band:.4f}, indistinguishable from guessing), so the best settings "
+            "below are noise. The model, optimizer or epochs do not suit this data: each "
+            "trial's log (and MLflow tag learning_warning) says what to try.")
+
+
 # ----- the report document ---------------------------------------------------------------
 class Document:
     """Sections written twice: plain text (terminal, summary.txt) and markdown (report.md)."""
@@ -260,6 +279,9 @@ def write_report(
     doc = Document(f"study {study.study_name}: {len(trials)} trials ({counts})"
                    + (f"; {excluded} not counted (retried, surplus or waiting)" if excluded else ""))
     n_complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    chance = at_chance(trials)
+    if chance:
+        doc.warning(chance)
     if 2 <= n_complete < IMPORTANCE_MIN_TRIALS:
         doc.warning(importance_warning(n_complete))
     notes: list[str] = []

@@ -6,7 +6,8 @@ word of warning, and a sweep's trials looked like bad hyperparameters rather tha
 recipe. ``learning_problem`` looks at a finished history; the trainer logs its answer as a
 warning and tags the MLflow run ``learning=<verdict>``.
 
-Two verdicts, each judged on the whole run:
+Two verdicts, each judged on the whole run (the first with advice that fits the model and
+optimizer that ran, ``learning_advice``):
 
 * ``stuck_at_chance``: the best validation accuracy (training accuracy without a
   validation split) is within three binomial standard deviations of 1 / num_classes, the
@@ -19,10 +20,13 @@ Two verdicts, each judged on the whole run:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["LOSS_FACTOR", "LearningProblem", "chance_band", "learning_problem"]
+__all__ = ["LOSS_FACTOR", "LearningProblem", "chance_band", "learning_advice",
+           "learning_problem"]
 
 #: The last training loss above this multiple of ln(num_classes) counts as "far above".
 LOSS_FACTOR = 1.5
@@ -43,8 +47,44 @@ def chance_band(num_classes: int, num_samples: int) -> float:
     return p + 3.0 * math.sqrt(p * (1.0 - p) / max(num_samples, 1))
 
 
+#: Models that want an adaptive optimizer (Adam) rather than SGD: transformers.
+ADAPTIVE_MODELS = ("vit",)
+GENERIC_ADVICE = "check optimizer.base and optimizer.lr, and trainer.epochs"
+
+
+def _range_bounds(space: str | None) -> tuple[float, float] | None:
+    """The smallest and largest number of a search-space string (``tag(log, interval(0.01,
+    0.5))``, ``choice(1e-4, 1e-3)``)."""
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d*)?(?:e-?\d+)?", space or "")]
+    return (min(numbers), max(numbers)) if len(numbers) >= 2 else None
+
+
+def learning_advice(cfg: Any) -> str:
+    """What to try when the run of ``cfg`` (a ``TrainConfig``) did not learn, for the model
+    and optimizer it actually ran: a ViT on SGD wants Adam; an lr outside the usual range of
+    its base optimizer (``study.spaces.lr``, the range sweeps use) is named with that range;
+    sensible settings with few epochs want more epochs (a ResNet-20 on digits is at chance
+    after 1 epoch at any lr)."""
+    model, base = cfg.model.name, cfg.optimizer.base_name
+    lr, epochs = cfg.optimizer.lr, cfg.trainer.epochs
+    if model in ADAPTIVE_MODELS and base == "sgd":
+        return (f"model={model} does not train with SGD (optimizer.base=sgd optimizer.lr={lr:g}): "
+                "use optimizer.base=adam optimizer.lr=1e-3, the recipe model=vit brings "
+                "(conf/model/optimizer/)")
+    space = (getattr(cfg.study, "spaces", None) or {}).get("lr", {}).get(base)
+    bounds = _range_bounds(space)
+    if bounds is not None and not bounds[0] <= lr <= bounds[1]:
+        side = "high" if lr > bounds[1] else "low"
+        return (f"optimizer.lr={lr:g} is {side} for optimizer.base={base}: its usual range is "
+                f"{space} (study.spaces.lr.{base})")
+    return (f"optimizer.base={base} optimizer.lr={lr:g} is a usual setting for {model}, so "
+            f"{epochs} epoch(s) are probably too few: raise trainer.epochs, or use a smaller "
+            "model for a quick look (model=mlp learns digits in one epoch)")
+
+
 def learning_problem(
-    history: Sequence[Mapping[str, float]], num_classes: int, num_val: int, num_train: int
+    history: Sequence[Mapping[str, float]], num_classes: int, num_val: int, num_train: int,
+    advice: str = GENERIC_ADVICE,
 ) -> LearningProblem | None:
     """A warning if the run in ``history`` (one dict of metrics per epoch) did not learn."""
     if not history or num_classes < 2:
@@ -60,9 +100,7 @@ def learning_problem(
                 "stuck_at_chance",
                 f"the run did not learn: best {key} {best:.4f} after {epochs} epoch(s) is at "
                 f"chance (1/{num_classes} = {1 / num_classes:.4f}; anything below {band:.4f} "
-                f"on {n} images is indistinguishable from guessing). The optimizer settings "
-                "probably do not suit this model: check optimizer.base and optimizer.lr "
-                "(ViTs want optimizer.base=adam optimizer.lr=1e-3).",
+                f"on {n} images is indistinguishable from guessing): {advice}.",
             )
     loss = history[-1].get("train_loss", math.nan)
     limit = LOSS_FACTOR * math.log(num_classes)

@@ -38,7 +38,7 @@ from zsharp_sweeps.training.curves import plot_curves
 from zsharp_sweeps.training.device import resolve_device, seed_everything, use_device
 from zsharp_sweeps.training.engine import fit
 from zsharp_sweeps.training.hardware import resolve_hardware
-from zsharp_sweeps.training.health import learning_problem
+from zsharp_sweeps.training.health import chance_band, learning_advice, learning_problem
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ def _run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
                 checkpointer.finish()
             raise  # anything else keeps its checkpoints, to resume from
         problem = learning_problem(result.history, data.num_classes, data.num_val,
-                                   data.num_train)
+                                   data.num_train, advice=learning_advice(cfg))
         if problem is not None:  # a run that did not learn says so (log and MLflow tag)
             log.warning("%s: %s", run_name, problem.message)
             tracker.set_tags({"learning": problem.verdict, "learning_warning": problem.message})
@@ -257,6 +257,9 @@ def _run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
             figure = plot_curves(result.history, title=run_name)
             tracker.log_figure(figure, "curves.png")
         summary["run_id"] = tracker.run_id
+        # The accuracy below which this run's data cannot tell it from guessing: a sweep's
+        # report says so when its best trial is below it (not an MLflow metric).
+        summary["chance_acc"] = chance_band(data.num_classes, data.num_val or data.num_train)
         # Every epoch, resumed ones included: what a sweep trial records for its analysis.
         summary["history"] = result.history
         if checkpointer is not None:
