@@ -15,6 +15,11 @@ Modes (``--modes``, comma-separated):
 
 - ``scaling``: ``--trials-per-gpu`` trials on 1 GPU, then ``gpus x trials-per-gpu`` on
   ``--gpus`` GPUs: trials per hour and the efficiency against linear scaling.
+- ``warmup``: ``gpus x workers-per-gpu x trials-per-gpu`` trials, five times: CUDA graph
+  without and with the workers' warm-up (``hardware.warmup_steps=0`` / default), compile
+  without and with it from an empty compile cache, and compile again on the warm cache. Prints
+  each worker's warm-up, its first trial's wall time and its later trials' (issue: a first
+  trial at most 5 s above the later ones).
 - ``pruned``: ``--pruned-trials`` trials with ``study.pruner=hyperband`` on ``--gpus`` GPUs,
   by this tree's workers and, with ``--baseline-tree DIR`` (a checkout of the old
   batch-synchronous sweeper, e.g. ``git worktree add .old e100710``), by that one.
@@ -106,7 +111,7 @@ class GpuSampler:
 
 def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *,
           extra: list[str], tree: Path = REPO, workers_per_gpu: int | None = None,
-          timeout: float | None = None) -> dict:
+          timeout: float | None = None, env_extra: dict[str, str] | None = None) -> dict:
     """One sweep on the first ``n_gpus`` GPUs with ``n_gpus x k`` workers; stopped (and
     marked ``censored``) after ``timeout`` s."""
     if workdir.exists():
@@ -125,6 +130,7 @@ def sweep(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Namespace, *
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), env.get("PYTHONPATH")]))
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(env_extra or {})
     if args.device == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(n_gpus))
     cmd = [sys.executable, "-m", "zsharp_sweeps.train", "--multirun", *overrides]
@@ -206,11 +212,18 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
         if worker and "overhead_s" in t.user_attrs:
             by_worker[(worker["host"], worker["index"])].append(t)
     first, later, worker_starts = [], [], []
+    first_wall, later_wall, warmups = [], [], []
     for ts in by_worker.values():
         ts.sort(key=lambda t: t.datetime_start)
         first.append(ts[0].user_attrs["overhead_s"])
         later += [t.user_attrs["overhead_s"] for t in ts[1:]]
         worker_starts.append(ts[0].datetime_start.timestamp())
+        # Whole trials (epochs included): the first trial's extra over the later ones is
+        # what a worker's warm-up (or its absence) costs inside trial time.
+        if not any(t.state.name == "PRUNED" for t in ts):
+            first_wall.append(ts[0].user_attrs["wall_s"])
+            later_wall += [t.user_attrs["wall_s"] for t in ts[1:]]
+        warmups.append(ts[0].user_attrs["worker"].get("warmup_s", 0.0))
     starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start]
     ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete]
     # Steady state: every worker has finished its first trial (data, CUDA, kernels warm) and
@@ -240,6 +253,9 @@ def check_stores(workdir: Path, n_gpus: int, n_trials: int, args: argparse.Names
     return {
         "trials": len(trials), "states": dict(states), "devices": dict(devices),
         "overhead_first_s": statistics.fmean(first) if first else None,
+        "first_trial_wall_s": statistics.fmean(first_wall) if first_wall else None,
+        "later_trial_wall_s": statistics.fmean(later_wall) if later_wall else None,
+        "warmup_s": statistics.fmean(warmups) if warmups else None,
         "overhead_later_mean_s": statistics.fmean(later) if later else None,
         "overhead_later_max_s": max(later) if later else None,
         "window": (min(starts), max(ends)) if starts and ends else None,
@@ -366,6 +382,39 @@ def main() -> int:
             batch.pop("problems", None)  # a stopped baseline is a bound, not a failure
         results.update(rows)
         save(args.out, results)  # what ran so far survives a later sweep's crash or timeout
+
+    if "warmup" in modes:
+        rows = {}
+        n = args.gpus * args.workers_per_gpu * args.trials_per_gpu
+        compile_on = ["hardware.compile=true"]
+        # Each compile variant but the last starts from an empty compile cache, as a fresh
+        # host does; the last reuses the one before it (a later sweep on the same host).
+        variants = [
+            ("graph, no warm-up", ["hardware.warmup_steps=0"], "graph-off"),
+            ("graph, warm-up", [], "graph-on"),
+            ("compile, no warm-up", [*compile_on, "hardware.warmup_steps=0"], "compile-off"),
+            ("compile, warm-up", compile_on, "compile-on"),
+            ("compile, warm-up, again", compile_on, "compile-on"),
+        ]
+        for name, extra, cache in variants:
+            folder = args.out / "warmup" / name.replace(", ", "_").replace(" ", "-")
+            rows[name] = sweep(folder, args.gpus, n, args, extra=extra,
+                               env_extra={"ZSHARP_COMPILE_CACHE": str(args.out / "cache" / cache)})
+            results[f"warmup: {name}"] = rows[name]
+            save(args.out, results)
+        print(f"\nfirst trial against later ones, {args.gpus} GPU(s) x {args.workers_per_gpu} "
+              f"worker(s), {n} trials of {args.epochs} epochs ({args.model})")
+        print(f"{'variant':<26} {'wall s':>7} {'warm-up s':>9} {'first trial s':>13} "
+              f"{'later trials s':>14} {'first - later':>13}")
+        for name, r in rows.items():
+            if "trials_per_hour" not in r:
+                print(f"{name:<26} failed: {r.get('problems')}")
+                continue
+            gap = (r["first_trial_wall_s"] - r["later_trial_wall_s"]
+                   if r.get("first_trial_wall_s") and r.get("later_trial_wall_s") else None)
+            print(f"{name:<26} {r['wall_s']:>7.1f} {_fmt(r.get('warmup_s'), '.1f'):>9} "
+                  f"{_fmt(r.get('first_trial_wall_s'), '.1f'):>13} "
+                  f"{_fmt(r.get('later_trial_wall_s'), '.1f'):>14} {_fmt(gap, '+.1f'):>13}")
 
     problems = {k: r["problems"] for k, r in results.items() if r.get("problems")}
     for k, p in problems.items():

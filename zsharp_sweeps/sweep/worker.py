@@ -273,8 +273,7 @@ class Worker:
                         "its first trial pays for it")
             return
         self.warmup_s = result.seconds
-        if result.steps:
-            log.info(result.line(f"Worker {self.label}"))
+        log.info(result.line(f"Worker {self.label}"))
 
     def _fail_stale(self) -> None:
         """Trials whose worker stopped beating: FAIL, and enqueue their retry."""

@@ -9,7 +9,10 @@ once, before the worker asks for a trial, leaves every trial (the first included
 its own epochs; pruning compares first and later trials on equal terms, and the
 ``overhead_s`` a sweep reports stops hiding set-up in trial time.
 
-What runs: the sweep's base configuration (its fixed settings; swept ones at their config
+What runs, whatever the device: the tracking store's first connection (MLflow checks its
+schema: seconds) and the dataset put on the device. Then, where ``hardware.warmup_steps``
+asks for them (by default on CUDA only: a CPU has nothing to tune or compile), training steps:
+the sweep's base configuration (its fixed settings; swept ones at their config
 defaults) on the worker's device, resolved exactly as a trial resolves it (``hardware=auto``
 included), on a throwaway model: ``hardware.warmup_steps`` optimizer steps (enough for a
 CUDA graph's eager steps, its capture and replays), one evaluation of the validation and test
@@ -38,6 +41,7 @@ from filelock import FileLock
 from omegaconf import DictConfig
 
 from zsharp_sweeps.config import TrainConfig, validate
+from zsharp_sweeps.tracking import Tracker
 from zsharp_sweeps.training.build import build_parts, build_step
 from zsharp_sweeps.training.context import DataCache, RunContext
 from zsharp_sweeps.training.device import seed_everything, use_device
@@ -66,8 +70,10 @@ class WarmupResult:
 
     def line(self, who: str) -> str:
         if not self.steps:
-            return f"{who}: no warm-up ({self.reason})"
-        waited = f", {self.waited_s:.1f}s of it waiting for the host's compile" if self.waited_s >= 0.1 else ""
+            return (f"{who} opened the tracking store and loaded the data in "
+                    f"{self.seconds:.1f}s (no training steps: {self.reason})")
+        waited = (f", {self.waited_s:.1f}s of it waiting for the host's compile"
+                  if self.waited_s >= 0.1 else "")
         return (f"{who} warmed up in {self.seconds:.1f}s ({self.steps} steps, {self.mode}"
                 f"{waited}); its trials start warm")
 
@@ -99,23 +105,27 @@ def _compile_turn(cfg: TrainConfig) -> Iterator[float]:
 
 
 def warm_up(cfg: DictConfig | TrainConfig, context: RunContext) -> WarmupResult:
-    """Run ``cfg``'s first steps on a throwaway model on ``context.device`` (see the module
-    docstring); its data stays in ``context.data_cache``."""
+    """Open ``cfg``'s tracking store, put its data on ``context.device`` (kept in
+    ``context.data_cache``) and run its first ``hardware.warmup_steps`` steps on a throwaway
+    model (see the module docstring)."""
     started = time.perf_counter()
     train_cfg = cfg if isinstance(cfg, TrainConfig) else validate(cfg)
     prepared = prepare(train_cfg, context)
     tcfg, device = prepared.cfg, prepared.device
+    use_device(device, tcfg.hardware.num_threads)
+    # What every process pays once whatever the device: the store's first connection (its
+    # schema check takes seconds) and the dataset on the device.
+    Tracker(tcfg.tracking)
+    cache = context.data_cache if context.data_cache is not None else DataCache()
+    data = cache.get(tcfg.data, device, tcfg.seed)
     steps = warmup_steps(tcfg, device)
+    mode = prepared.tags.get("hardware_mode", tcfg.hardware.precision)
     if steps == 0:
         why = ("hardware.warmup_steps=0" if tcfg.hardware.warmup_steps == 0
-               else f"hardware.warmup_steps=null warms up on CUDA only, this is {device.type}")
-        return WarmupResult(0, 0.0, reason=why)
-    use_device(device, tcfg.hardware.num_threads)
-    mode = prepared.tags.get("hardware_mode", tcfg.hardware.precision)
+               else f"hardware.warmup_steps=null trains steps on CUDA only, this is {device.type}")
+        return WarmupResult(0, time.perf_counter() - started, mode, reason=why)
     with _compile_turn(tcfg) as waited:
         seed_everything(tcfg.seed, tcfg.hardware.deterministic)
-        cache = context.data_cache if context.data_cache is not None else DataCache()
-        data = cache.get(tcfg.data, device, tcfg.seed)
         data, model, optimizer = build_parts(tcfg, device, data=data)
         run_step = build_step(tcfg, model, optimizer)
         model.train()
