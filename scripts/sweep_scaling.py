@@ -389,16 +389,20 @@ def main() -> int:
         compile_on = ["hardware.compile=true"]
         # Each compile variant but the last starts from an empty compile cache, as a fresh
         # host does; the last reuses the one before it (a later sweep on the same host).
+        # Without warm-up: this tree with hardware.warmup_steps=0 (it still opens the store
+        # and loads the data first), or, with --baseline-tree, that tree (before warm-ups).
+        base = args.baseline_tree.resolve() if args.baseline_tree else None
+        off = [] if base else ["hardware.warmup_steps=0"]
         variants = [
-            ("graph, no warm-up", ["hardware.warmup_steps=0"], "graph-off"),
-            ("graph, warm-up", [], "graph-on"),
-            ("compile, no warm-up", [*compile_on, "hardware.warmup_steps=0"], "compile-off"),
-            ("compile, warm-up", compile_on, "compile-on"),
-            ("compile, warm-up, again", compile_on, "compile-on"),
+            ("graph, no warm-up", off, "graph-off", base or REPO),
+            ("graph, warm-up", [], "graph-on", REPO),
+            ("compile, no warm-up", [*compile_on, *off], "compile-off", base or REPO),
+            ("compile, warm-up", compile_on, "compile-on", REPO),
+            ("compile, warm-up, again", compile_on, "compile-on", REPO),
         ]
-        for name, extra, cache in variants:
+        for name, extra, cache, tree in variants:
             folder = args.out / "warmup" / name.replace(", ", "_").replace(" ", "-")
-            rows[name] = sweep(folder, args.gpus, n, args, extra=extra,
+            rows[name] = sweep(folder, args.gpus, n, args, extra=extra, tree=tree,
                                env_extra={"ZSHARP_COMPILE_CACHE": str(args.out / "cache" / cache)})
             results[f"warmup: {name}"] = rows[name]
             save(args.out, results)
