@@ -187,3 +187,27 @@ def test_ctrl_c_during_set_up_ends_the_waiting_workers_and_leaves_nothing_runnin
     assert not (cwd / "multirun" / STUDY / "optuna.db").exists()
     _, parents, children = mlflow_runs(cwd)
     assert parents == [] and children == []
+
+
+@pytest.mark.long  # 10-20 s each on 2 cores; the mechanism is pinned fast in test_sweep_runtime
+@pytest.mark.parametrize("delay", [0.3, 0.9, 1.5])
+def test_ctrl_c_right_after_the_study_line_stops_the_sweep_before_any_trial(
+    cwd: Path, delay: float,
+) -> None:
+    """0.3-1.6 s after ``Study ...: 4 trials, 2 worker(s)``, while MLflow opens its store, a
+    Ctrl-C used to be dropped (raised inside a garbage collector's callback) and the sweep
+    ran every trial and exited 0."""
+    proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+                       "trainer.epochs=1")
+    wait_for(lambda: "worker(s) on this host" in (cwd / "sweep.log").read_text(), 120,
+             "the sweep's Study line", proc)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=120)
+    log = (cwd / "sweep.log").read_text()
+    assert code == 128 + signal.SIGINT, log[-3000:]
+    trials = load_study(cwd).get_trials()
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
+    _, parents, children = mlflow_runs(cwd)
+    assert "RUNNING" not in {r.info.status for r in parents + children}
+    assert "Sweep finished" not in log

@@ -148,7 +148,7 @@ def test_trial_names_and_override_values() -> None:
 
 def test_stop_request_writes_the_stop_file_and_exit_code(tmp_path: Path) -> None:
     stop = StopRequest(tmp_path / "stop")
-    with stop.installed():
+    with stop.installed(), stop.launching():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.1)
         assert (tmp_path / "stop").exists()
@@ -158,6 +158,44 @@ def test_stop_request_writes_the_stop_file_and_exit_code(tmp_path: Path) -> None
             time.sleep(0.1)
     assert not (tmp_path / "stop").exists()
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
+
+
+def test_a_ctrl_c_swallowed_during_the_set_up_stops_the_sweep_before_its_workers_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python runs a signal handler wherever the main thread is, a garbage collector's
+    callback included, where the KeyboardInterrupt it raises is printed and dropped (seen
+    while MLflow opened its store: the sweep then ran all its trials). The sweep's handler
+    remembers it, and the workers do not start."""
+    swallowed: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
+
+    class Collected:
+        def __del__(self) -> None:  # like SQLAlchemy's weakref callbacks
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler runs here, and its exception goes nowhere
+
+    stop = StopRequest(tmp_path / "stop")
+    with stop.installed():
+        Collected()
+        assert swallowed and isinstance(swallowed[0], KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt), stop.launching():
+            pytest.fail("the workers started after a Ctrl-C")
+    assert not (tmp_path / "stop").exists()
+
+
+def test_a_signal_inside_a_deferred_step_of_the_set_up_is_acted_on_after_it(
+    tmp_path: Path,
+) -> None:
+    stop = StopRequest(tmp_path / "stop")
+    steps: list[str] = []
+    with stop.installed(), pytest.raises(Terminated):
+        with stop.deferred():  # the MLflow parent run being created: not cut in half
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            steps.append("recorded")
+        steps.append("went on")
+    assert steps == ["recorded"]
 
 
 def test_graceful_stop_waits_for_a_safe_point_and_a_second_signal_stops_at_once() -> None:

@@ -35,6 +35,7 @@ without them (any other Hydra app) gets none of these.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -284,7 +285,7 @@ class ZSharpOptunaSweeper(Sweeper):
                     "(sweep configs follow the recipe by themselves: study.spaces)")
 
     # ----- the study ---------------------------------------------------------------------
-    def _open_study(self, storage: str) -> optuna.Study:
+    def _open_study(self, storage: str, stop: StopRequest | None = None) -> optuna.Study:
         from zsharp_sweeps.sweep.storage import open_storage
         from zsharp_sweeps.tracking.locks import sqlite_init_lock
 
@@ -293,7 +294,8 @@ class ZSharpOptunaSweeper(Sweeper):
             try:
                 # SQLite: serialise the first touch; a server database (hosts started
                 # together) may see another host's half-made schema: retry after it.
-                with sqlite_init_lock(storage):
+                with sqlite_init_lock(storage), (stop.deferred() if stop is not None
+                                                  else contextlib.nullcontext()):
                     rdb = open_storage(storage, heartbeat_interval=self.heartbeat_interval,
                                        grace_period=self.grace_period,
                                        max_retry=self.max_retry)
@@ -435,6 +437,22 @@ class ZSharpOptunaSweeper(Sweeper):
     # ----- the sweep ---------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.job is not None
+        # One signal handler for the whole sweep, from its first check on: a Ctrl-C during
+        # the set-up stops it before any worker has a job, wherever Python delivered it
+        # (``StopRequest``); once the workers run, it asks them to stop.
+        sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
+        stop = StopRequest(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}")
+        try:
+            with stop.installed():
+                self._set_up_and_sweep(arguments, stop)
+        except KeyboardInterrupt as exc:  # Ctrl-C before the workers started, or a second one
+            if isinstance(exc, Stopped):
+                raise
+            # Everything is recorded (the parent run, if any, ended KILLED).
+            raise Stopped(int(getattr(exc, "signum", signal.SIGINT)),
+                          "Sweep interrupted: rerun the same command to resume") from None
+
+    def _set_up_and_sweep(self, arguments: list[str], stop: StopRequest) -> None:
         space, grid = self._search_space(arguments)
         if space.pinned:
             values = {line.split("=", 1)[0].lstrip("+~"): line for line in space.fixed}
@@ -450,22 +468,17 @@ class ZSharpOptunaSweeper(Sweeper):
         if prestarting:
             self.launcher.prestart(self.n_jobs, preload=WORKER_MODULES)
         try:
-            self._sweep(storage, space, grid)
-        except KeyboardInterrupt as exc:  # Ctrl-C before the workers started, or a second one
-            if isinstance(exc, Stopped):
-                raise
-            # Everything is recorded (the parent run, if any, ended KILLED).
-            raise Stopped(int(getattr(exc, "signum", signal.SIGINT)),
-                          "Sweep interrupted: rerun the same command to resume") from None
+            self._sweep(storage, space, grid, stop)
         finally:
             if prestarting:
                 self.launcher.discard()
 
-    def _sweep(self, storage: str, space: SearchSpace, grid: dict | None) -> None:
+    def _sweep(self, storage: str, space: SearchSpace, grid: dict | None,
+               stop: StopRequest) -> None:
         assert self.job is not None
         if sqlite_path(storage) is not None:
             sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
-        study = self._open_study(storage)
+        study = self._open_study(storage, stop)
         self._check_resume(study, space)
         objectives = self.app.objectives or []
         if len(objectives) != len(study.directions):
@@ -484,12 +497,14 @@ class ZSharpOptunaSweeper(Sweeper):
             f"Study {study.study_name} in {storage} ({sampler_name}, seed {seed}): "
             f"{size}, {self.n_jobs} worker(s) on this host"
         )
-        tracker = self._tracker()
-        devices = self._devices()  # before the parent run: CUDA's start can take seconds
-        stop = StopRequest(str(sweep_dir / f".stop-{socket.gethostname()}-{os.getpid()}"))
+        # MLflow opens (creates, migrates) its store: a Ctrl-C is acted on once it is done.
+        with stop.deferred():
+            tracker = self._tracker()
+            devices = self._devices()  # before the parent run: CUDA's start can take seconds
         status, error = "FAILED", None
         try:  # from here on the parent run ends KILLED/FAILED/FINISHED whatever happens
-            parent_run_id = self._parent_run(tracker, study, space, sampler_name)
+            with stop.deferred():  # a Ctrl-C here waits for the run to be recorded
+                parent_run_id = self._parent_run(tracker, study, space, sampler_name)
             if self.accepted_changes and tracker.enabled:
                 tracker.set_tags({"allow_changed_settings": "true",
                                   "changed_settings": "; ".join(self.accepted_changes)[:4900]})
@@ -515,7 +530,7 @@ class ZSharpOptunaSweeper(Sweeper):
                 main_host=socket.gethostname(), device_uuids=gpu_uuids(devices),
                 workers=max(1, self.n_jobs), share_cores=self.app.hardware is not None,
             )
-            with stop.installed():
+            with stop.launching():  # a signal of the set-up stops the sweep here, at the latest
                 returns = self._launch()
             error = self._worker_error(returns, study)
             # A worker in this process (n_jobs=1) receives the signal itself.

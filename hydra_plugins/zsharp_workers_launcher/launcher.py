@@ -75,6 +75,10 @@ def _execute(jobs: Connection, results: Connection, preload: tuple[str, ...] = (
     would see its job pipe close when the sweep no longer needs it."""
     for conn in inherited:
         conn.close()
+    # A forked worker inherits the sweep's own signal handlers (its set-up's StopRequest):
+    # until its job installs its own, a worker has Python's, as a spawned one does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         for name in preload:  # while the sweeper is still setting up: off the critical path
             with contextlib.suppress(ImportError):
