@@ -416,3 +416,77 @@ def test_the_verdict_command_shares_the_edge(
     assert _one_line(capsys.readouterr().err).startswith(
         "error: verdict=nope is invalid: In 'verdict': Could not find 'verdict/nope'. "
         "Available options in 'verdict': equal_budget, review_grid")
+
+
+# ---- sweeper settings: checked before anything is created ----------------------------------
+
+GRID_SWEEP = ["--multirun", "+sweep=percentile_grid", "data=digits", "hardware=cpu",
+              "model=mlp", "tracking=off"]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("hydra.sweeper.n_trials=0", "error: hydra.sweeper.n_trials=0 is invalid: allowed an int >= 1"),
+    ("hydra.sweeper.n_trials=-3", "error: hydra.sweeper.n_trials=-3 is invalid: allowed an int >= 1"),
+    ("hydra.sweeper.n_jobs=0", "error: hydra.sweeper.n_jobs=0 is invalid: allowed an int >= 1"),
+    ("hydra.sweeper.max_failure_rate=-1",
+     "error: hydra.sweeper.max_failure_rate=-1.0 is invalid: allowed a fraction in [0, 1]"),
+    ("hydra.sweeper.study_name=../../x",
+     "error: hydra.sweeper.study_name='../../x' is invalid: it names the sweep's folder"),
+])
+def test_a_sweeper_setting_out_of_range_is_one_line_and_creates_nothing(
+    setting: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """n_trials=0 used to exit 0 with an empty study, n_jobs=0 to start one worker,
+    study_name=../../x to put the sweep's folder two levels above multirun/."""
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    code, stderr = run_main([*GRID_SWEEP, setting], cwd, monkeypatch, capsys)
+    assert code == 2
+    assert _one_line(stderr).startswith(expected)
+    assert os.listdir(cwd) == [] and sorted(os.listdir(tmp_path)) == ["a"]
+
+
+# ---- two stores pointed at each other: refused before either is written --------------------
+
+
+def test_tracking_pointed_at_a_study_database_is_refused_and_left_untouched(
+    optuna_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """MLflow used to write its tables into optuna.db, then fail with a traceback."""
+    study_db = tmp_path / "optuna.db"
+    shutil.copy(optuna_db, study_db)
+    before = study_db.read_bytes()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study_db}")
+    code, stderr = run_main(SMALL_RUN, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    line = _one_line(stderr)
+    assert line.startswith(f"error: MLFLOW_TRACKING_URI='sqlite:///{study_db}' is unusable: ")
+    assert "is an Optuna study storage (tables studies, trials, version_info)" in line
+    assert study_db.read_bytes() == before
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("tracking", ["tracking=off", "tracking=mlflow"])
+def test_study_storage_pointed_at_the_mlflow_database_is_refused_and_left_untouched(
+    tracking: str, mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """hydra.sweeper.storage=sqlite:///mlruns/mlflow.db: an MLflow store by its tables, and
+    (tracking on) the tracking store's own file."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(mlflow_template, db)
+    before = db.read_bytes()
+    argv = [*GRID_SWEEP[:-1], tracking, "hydra.sweeper.storage=sqlite:///mlruns/mlflow.db"]
+    code, stderr = run_main(argv, tmp_path, monkeypatch, capsys)
+    assert code == 2
+    line = _one_line(stderr)
+    assert line.startswith(f"error: hydra.sweeper.storage='sqlite:///{db}' ")
+    expected = ("is the MLflow tracking store's database" if tracking == "tracking=mlflow"
+                else "is an MLflow tracking store (tables experiments, runs)")
+    assert expected in line
+    assert db.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["mlruns"] and os.listdir(db.parent) == ["mlflow.db"]

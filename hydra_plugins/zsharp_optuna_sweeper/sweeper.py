@@ -64,6 +64,7 @@ from zsharp_sweeps.config import (
     TrackingConfig,
     section,
 )
+from zsharp_sweeps.sweep.checks import check_separate_stores, check_sweeper_settings
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.placement import gpu_uuids
 from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
@@ -139,9 +140,11 @@ class ZSharpOptunaSweeper(Sweeper):
                  heartbeat_interval: int = 10, grace_period: int | None = None,
                  max_retry: int = 3, devices: list[str] | None = None,
                  report: bool | None = None, allow_changed_settings: bool = False) -> None:
-        if not 0.0 <= max_failure_rate <= 1.0:
-            raise ConfigError(f"hydra.sweeper.max_failure_rate={max_failure_rate} is invalid: "
-                              "allowed a fraction in [0, 1].")
+        # Before anything exists: n_trials, n_jobs, max_failure_rate, study_name, heartbeat.
+        check_sweeper_settings(n_trials=n_trials, n_jobs=n_jobs,
+                               max_failure_rate=max_failure_rate, study_name=study_name,
+                               heartbeat_interval=heartbeat_interval,
+                               grace_period=grace_period, max_retry=max_retry)
         self.sampler_conf = sampler
         self.direction = direction
         self.storage = storage
@@ -229,8 +232,10 @@ class ZSharpOptunaSweeper(Sweeper):
             tracking_uri_setting,
         )
 
-        check_storage_url(storage)
         tracking = self.app.tracking
+        if tracking is not None and tracking.enabled:
+            check_separate_stores(storage, resolve_tracking_uri(tracking))
+        check_storage_url(storage)
         if tracking is not None and tracking.enabled:
             check_tracking_uri(resolve_tracking_uri(tracking), tracking_uri_setting(tracking))
         if self.app.study is not None:

@@ -51,7 +51,7 @@ def check_storage_url(url: str) -> None:
                 "delete the file or pick another hydra.sweeper.study_name or "
                 f"{STORAGE_SETTING}; to continue, restore the file from a copy."
             )
-    check_rdb_url(url, STORAGE_SETTING, ALLOWED_STORAGE)
+    check_rdb_url(url, STORAGE_SETTING, ALLOWED_STORAGE, owner="optuna")
 
 
 def _sqlite_file(url: str) -> Path | None:

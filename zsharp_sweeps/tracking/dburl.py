@@ -35,13 +35,24 @@ def rdb_dialect(url: str) -> str | None:
     return dialect if dialect in RDB_DRIVER_PACKAGES else None
 
 
-def check_rdb_url(url: str, setting: str, allowed: str, *, thorough: bool = True) -> None:
+#: The tables that say whose database a file is: ``alembic_version`` is in both (each tool
+#: records its own schema version there), these are each tool's own.
+OWN_TABLES: dict[str, tuple[str, frozenset[str]]] = {
+    "mlflow": ("an MLflow tracking store", frozenset({"experiments", "runs"})),
+    "optuna": ("an Optuna study storage", frozenset({"studies", "trials", "version_info"})),
+}
+
+
+def check_rdb_url(url: str, setting: str, allowed: str, *, thorough: bool = True,
+                  owner: str | None = None) -> None:
     """The URL parses, its dialect and Python driver import, and a SQLite file is usable.
 
     ``setting`` names where the URL came from (``MLFLOW_TRACKING_URI``,
     ``hydra.sweeper.storage``); ``allowed`` says what the setting accepts. ``thorough``
     reads a whole existing SQLite file (``PRAGMA quick_check``, finds truncation); without
     it only the header and schema are read, cheap enough to repeat for every run.
+    ``owner`` (``mlflow`` or ``optuna``): an existing SQLite file that holds the other
+    tool's tables is refused, before either tool writes its own into it.
     """
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -68,7 +79,8 @@ def check_rdb_url(url: str, setting: str, allowed: str, *, thorough: bool = True
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:" and not database.startswith("file:"):
-            check_sqlite_file(Path(database), setting, url, allowed, thorough=thorough)
+            check_sqlite_file(Path(database), setting, url, allowed, thorough=thorough,
+                              owner=owner)
 
 
 def _redact(url: str) -> str:
@@ -112,9 +124,11 @@ def directory_problem(directory: Path) -> str | None:
 
 
 def check_sqlite_file(
-    path: Path, setting: str, url: str, allowed: str, *, thorough: bool = True
+    path: Path, setting: str, url: str, allowed: str, *, thorough: bool = True,
+    owner: str | None = None,
 ) -> None:
-    """The database's directory is writable and an existing file is a readable database."""
+    """The database's directory is writable, an existing file is a readable database and,
+    with ``owner``, not the other tool's (``OWN_TABLES``)."""
     path = path.expanduser()
     problem = directory_problem(path.parent)
     if problem is None and path.exists():
@@ -124,6 +138,8 @@ def check_sqlite_file(
             problem = f"{path.absolute()} is not readable and writable"
         else:
             problem = sqlite_file_problem(path, thorough=thorough)
+            if problem is None and owner is not None:
+                problem = foreign_tables_problem(path, owner)
     if problem is not None:
         raise ConfigError(f"{setting}={url!r} is unusable: {problem}. Allowed: {allowed}.")
 
@@ -145,4 +161,30 @@ def sqlite_file_problem(path: Path, *, thorough: bool = True) -> str | None:
         return f"{path.absolute()} is not a usable SQLite database ({exc})"
     if thorough and (result is None or result[0] != "ok"):
         return f"{path.absolute()} is a damaged SQLite database (quick_check: {result})"
+    return None
+
+
+def sqlite_tables(path: Path) -> set[str]:
+    """The tables of the SQLite database at ``path`` (opened read-only)."""
+    with contextlib.closing(
+        sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    ) as conn:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+
+def foreign_tables_problem(path: Path, owner: str) -> str | None:
+    """Why the database at ``path`` is not ``owner``'s to write: it holds the tables of the
+    other tool (MLflow's ``experiments`` and ``runs``, Optuna's ``studies``, ``trials`` and
+    ``version_info``). Both keep their schema version in ``alembic_version``, so the second
+    tool to open such a file would write its tables beside the first's and then fail on a
+    version it does not know."""
+    own = OWN_TABLES[owner][0]
+    try:
+        tables = sqlite_tables(path)
+    except sqlite3.Error as exc:
+        return f"{path.absolute()} is not a usable SQLite database ({exc})"
+    for other, (what, names) in OWN_TABLES.items():
+        if other != owner and names <= tables:
+            return (f"{path.absolute()} is {what} (tables {', '.join(sorted(names))}), not "
+                    f"{own}; it was left untouched")
     return None
