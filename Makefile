@@ -86,8 +86,9 @@ sweep:
 
 ui:
 	@mkdir -p mlruns
-	@# MLflow 3.17's UI opens on its GenAI (traces) view unless the link asks for runs tables.
-	@echo "MLflow UI: http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@# MLflow 3.17's UI opens on its GenAI (traces) view unless the link asks for runs tables;
+	@# this link opens the newest sweep's trials, best first (zsharp_sweeps/tracking/view.py).
+	@$(PY) -m zsharp_sweeps.tracking.view --uri "$(TRACKING_URI)" --url http://127.0.0.1:5000
 	$(VENV)/bin/mlflow ui --backend-store-uri "$(TRACKING_URI)" --port 5000
 
 bench:

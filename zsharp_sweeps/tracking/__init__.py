@@ -91,7 +91,7 @@ def check_tracking_uri(uri: str, setting: str | None = None) -> None:
         return  # credentials live in the profile; MLflow reports its own errors there
     if rdb_dialect(uri) is not None:
         # Header and schema only: this runs for every run, and a store grows large.
-        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS, thorough=False, owner="mlflow")
+        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS, thorough=False)
     elif scheme in ("http", "https"):
         _probe_http(uri, setting)
     elif scheme in ("", "file"):
@@ -434,3 +434,23 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.enabled:
             _retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_table(self, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """``rows`` as an MLflow table artifact (``MlflowClient.log_table``: the UI shows it
+        as a table, ``mlflow.load_table`` reads it back)."""
+        if self.enabled and rows:
+            import pandas as pd
+
+            _retry(self._client.log_table, self.run_id, pd.DataFrame(list(rows)), artifact_file)
+
+    def publish_view(self, view: Any) -> str | None:
+        """Write ``view`` (a ``tracking.view.SweepView``) as a saved view of this run's
+        experiment and tag this run with its key (``tracking.view.VIEW_KEY_TAG``); returns
+        the link to it (``tracking.view.view_url``), None when tracking is off."""
+        if not self.enabled:
+            return None
+        from zsharp_sweeps.tracking import view as views
+
+        key = _retry(views.publish, self._client, self.experiment_id, view)
+        self.set_tags({views.VIEW_KEY_TAG: key})
+        return views.view_url(views.ui_base_url(self.uri), self.experiment_id, key)
