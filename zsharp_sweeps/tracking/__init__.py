@@ -91,7 +91,7 @@ def check_tracking_uri(uri: str, setting: str | None = None) -> None:
         return  # credentials live in the profile; MLflow reports its own errors there
     if rdb_dialect(uri) is not None:
         # Header and schema only: this runs for every run, and a store grows large.
-        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS, thorough=False)
+        check_rdb_url(uri, setting, ALLOWED_TRACKING_URIS, thorough=False, owner="mlflow")
     elif scheme in ("http", "https"):
         _probe_http(uri, setting)
     elif scheme in ("", "file"):
