@@ -8,6 +8,7 @@ Signals and killed processes are in ``test_sweep_faults.py``; the pieces of the 
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from optuna.trial import TrialState
 
 from zsharp_sweeps.sweep.progress import SURPLUS_ATTR, counted_trials
+from zsharp_sweeps.tracking.view import SHARED_VIEW_TAG_PREFIX, parse_view_url
 
 from .sweep_helpers import (
     STUDY,
@@ -155,22 +157,47 @@ def _counted(trials: list) -> list:
 def test_grid_sweep_that_exhausts_its_grid_finishes_with_plus_keys(cwd: Path) -> None:
     # The paper's Q_p grid, plus a search-space key that starts with "+" (Hydra's
     # custom-search-space example): both used to crash at the end of the study.
+    # Also: only the best trial keeps its checkpoints, the parent run names the best run
+    # and holds the trials table, and the closing lines link to the trials, best first.
     study = GRID_STUDY
-    run_sweep(
+    proc = run_sweep(
         cwd, "optimizer.percentile=choice(0.5,0.9)", "+tracking.tags.variant=choice(a,b)",
-        base=GRID,
+        "hydra.sweeper.keep_checkpoints=best", base=GRID,
     )
-    trials = load_study(cwd, study).get_trials()
+    optuna_study = load_study(cwd, study)
+    trials = optuna_study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4  # capped at the grid
     assert {(t.params["optimizer.percentile"], t.params["+tracking.tags.variant"])
             for t in trials} == {(0.5, "a"), (0.5, "b"), (0.9, "a"), (0.9, "b")}
     sweep_dir = cwd / "multirun" / study
     assert (sweep_dir / "optimization_results.yaml").is_file()
     assert (sweep_dir / "report").is_dir()
-    _, parents, children = mlflow_runs(cwd)
+    best = optuna_study.best_trial.number
+    assert sorted(p.relative_to(sweep_dir).parts[0] for p in sweep_dir.glob("*/checkpoints/*.pt")
+                  ) == [str(best)]
+    client, parents, children = mlflow_runs(cwd)
     assert [p.info.status for p in parents] == ["FINISHED"]
     assert {p.data.tags.get("best.tracking.tags.variant") for p in parents} <= {"a", "b"}
     assert {c.data.tags["variant"] for c in children} == {"a", "b"}
+    parent = parents[0]
+    best_run = client.get_run(parent.data.tags["best_run_id"])
+    assert best_run.data.tags["trial_number"] == str(best)
+    assert best_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    # An MLflow table artifact (mlflow.load_table reads it), best first.
+    table = json.loads(Path(client.download_artifacts(
+        parent.info.run_id, "trials.json", str(cwd))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert rows[0]["run_id"] == best_run.info.run_id and len(rows) == 4
+    assert [r["best_val_acc"] for r in rows] == sorted((r["best_val_acc"] for r in rows),
+                                                       reverse=True)
+    assert {"optimizer.percentile", "tracking.tags.variant", "sharpness/sam"} <= set(rows[0])
+    link = re.search(r"trials, best first: (\S+)", proc.stderr + proc.stdout).group(1)
+    experiment_id, key = parse_view_url(link)
+    assert (experiment_id, key) == (parent.info.experiment_id, parent.data.tags["mlflow_view"])
+    view = json.loads(client.get_experiment(experiment_id).tags[SHARED_VIEW_TAG_PREFIX + key])
+    state = json.loads(view["state"])
+    assert state["orderByKey"] == "metrics.`best_val_acc`" and state["orderByAsc"] is False
+    assert "params.`optimizer.percentile`" in state["selectedColumns"]
 
 
 def test_failures_count_over_the_study_not_per_trial(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ full; set it to n_gpus x hardware.trials_per_gpu).
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
@@ -34,6 +35,11 @@ class ZSharpOptunaSweeperConf(OptunaSweeperConf):
     # trials ran with is refused (resumes never mix settings); true accepts the change
     # deliberately (a warning, and tags on the MLflow parent run).
     allow_changed_settings: bool = False
+    # Once the sweep is done: which trials keep their checkpoints (each keeps its last one,
+    # up to ~72 MB for a ViT): all, best (the best trial; the Pareto front for several
+    # objectives), none, or a number k (the k best). Never before the study is finished
+    # (zsharp_sweeps/sweep/keep.py).
+    keep_checkpoints: Any = "all"
 
 
 ConfigStore.instance().store(

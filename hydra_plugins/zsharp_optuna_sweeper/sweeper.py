@@ -65,6 +65,7 @@ from zsharp_sweeps.config import (
     section,
 )
 from zsharp_sweeps.sweep.checks import check_separate_stores, check_sweeper_settings
+from zsharp_sweeps.sweep.keep import check_keep, prune_checkpoints
 from zsharp_sweeps.sweep.lifecycle import StopRequest
 from zsharp_sweeps.sweep.placement import gpu_uuids
 from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
@@ -93,6 +94,7 @@ from zsharp_sweeps.sweep.trial import EPOCH_METRIC_OF_OBJECTIVE, build_pruner
 from zsharp_sweeps.sweep.worker import WorkerJob
 from zsharp_sweeps.tracking import Tracker, override_param_key
 from zsharp_sweeps.tracking.uris import absolute_sqlite_url, sqlite_path, sqlite_url
+from zsharp_sweeps.tracking.view import SweepView, trials_table
 from zsharp_sweeps.training.signals import Stopped
 
 log = logging.getLogger(__name__)
@@ -139,7 +141,8 @@ class ZSharpOptunaSweeper(Sweeper):
                  custom_search_space: str | None, params: DictConfig | None,
                  heartbeat_interval: int = 10, grace_period: int | None = None,
                  max_retry: int = 3, devices: list[str] | None = None,
-                 report: bool | None = None, allow_changed_settings: bool = False) -> None:
+                 report: bool | None = None, allow_changed_settings: bool = False,
+                 keep_checkpoints: Any = "all") -> None:
         # Before anything exists: n_trials, n_jobs, max_failure_rate, study_name, heartbeat.
         check_sweeper_settings(n_trials=n_trials, n_jobs=n_jobs,
                                max_failure_rate=max_failure_rate, study_name=study_name,
@@ -162,6 +165,12 @@ class ZSharpOptunaSweeper(Sweeper):
         self.max_retry = max_retry
         self.devices = list(devices) if devices else None
         self.report = report
+        try:
+            self.keep_checkpoints = check_keep(keep_checkpoints)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.view: SweepView | None = None
+        self.view_link: str | None = None
         self.allow_changed_settings = allow_changed_settings
         self.accepted_changes: list[str] = []
         self.config: DictConfig | None = None
@@ -422,11 +431,42 @@ class ZSharpOptunaSweeper(Sweeper):
             metrics["best_value"] = float(best.value)
             tags["best_trial"] = str(best.number)
             tags.update({f"best.{override_param_key(k)}": str(v) for k, v in best.params.items()})
+        best_trial = int(tags["best_trial"]) if "best_trial" in tags else None
+        tags.update(self._log_trials_table(tracker, best_trial))
         tracker.set_tags(tags)
         tracker.log_metrics(metrics, step=state.finished)
         for path in report:
             tracker.log_artifact(path, "report")
         tracker.end(status)
+
+    def _publish_view(self, tracker: Tracker, study: optuna.Study, space: SearchSpace,
+                      objectives: list[str]) -> None:
+        """The MLflow page of this sweep's trials, best first (``tracking/view.py``)."""
+        if not tracker.enabled or tracker.run_id is None:
+            return
+        self.view = SweepView(
+            parent_run_id=tracker.run_id, objective=objectives[0] if objectives else None,
+            maximize=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE,
+            params=[override_param_key(k) for k in space.distributions],
+            name=f"sweep {study.study_name}")
+        try:  # a view is a convenience: it must not stop a sweep
+            self.view_link = tracker.publish_view(self.view)
+        except Exception as exc:
+            log.warning(f"Could not save the MLflow view of the sweep: {exc!r}")
+
+    def _log_trials_table(self, tracker: Tracker, best_trial: int | None) -> dict[str, str]:
+        """The trials as an MLflow table artifact of the parent run (``trials.json``, best
+        first) and the tag ``best_run_id``: the best complete trial's run."""
+        if self.view is None:
+            return {}
+        try:
+            rows, best = trials_table(tracker.child_runs(tracker.run_id), self.view,
+                                      best_trial)
+            tracker.log_table(rows, "trials.json")
+        except Exception as exc:
+            log.warning(f"Could not log the trials table to the parent run: {exc!r}")
+            return {}
+        return {"best_run_id": best} if best else {}
 
     def _write_report(self, study: optuna.Study, tracker: Tracker) -> list[Path]:
         """The end-of-sweep report (also without MLflow: it reads the study)."""
@@ -510,6 +550,7 @@ class ZSharpOptunaSweeper(Sweeper):
         try:  # from here on the parent run ends KILLED/FAILED/FINISHED whatever happens
             with stop.deferred():  # a Ctrl-C here waits for the run to be recorded
                 parent_run_id = self._parent_run(tracker, study, space, sampler_name)
+                self._publish_view(tracker, study, space, objectives)
             if self.accepted_changes and tracker.enabled:
                 tracker.set_tags({"allow_changed_settings": "true",
                                   "changed_settings": "; ".join(self.accepted_changes)[:4900]})
@@ -553,6 +594,7 @@ class ZSharpOptunaSweeper(Sweeper):
                       if status == "FINISHED" and write else [])
             self._finish_parent(tracker, study, status, report)
             self._save_results(study)
+            prune_checkpoints(study, sweep_dir, self.keep_checkpoints, status)
             self._summary(study, tracker, sweep_dir, status)
         if stop.signum:
             raise Stopped(stop.signum, "Sweep stopped: rerun the same command to resume")
@@ -634,7 +676,9 @@ class ZSharpOptunaSweeper(Sweeper):
         if (sweep_dir / "report").exists():
             lines.append(f"  report:  {sweep_dir / 'report'}")
         if tracker.enabled and tracker.run_id:
-            lines.append(f"  MLflow:  parent run {tracker.run_id} in {tracker.uri} (make ui)")
+            lines.append(f"  MLflow:  parent run {tracker.run_id} in {tracker.uri}")
+            if self.view_link:
+                lines.append(f"  trials, best first: {self.view_link} (make ui serves it)")
         log.info("\n".join(lines))
 
     def _save_results(self, study: optuna.Study) -> None:
