@@ -490,3 +490,68 @@ def test_study_storage_pointed_at_the_mlflow_database_is_refused_and_left_untouc
     assert expected in line
     assert db.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["mlruns"] and os.listdir(db.parent) == ["mlflow.db"]
+
+
+# ---- tracking servers and database servers: one line within seconds -----------------------
+
+
+@pytest.fixture
+def not_mlflow_server() -> str:
+    """A plain HTTP server (what ``python -m http.server`` is): 404 for every MLflow call."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # not on the stderr under test
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_server_that_is_not_mlflow_is_refused(
+    not_mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It passed the old probe (any HTTP answer), then MLflow failed with a 404 traceback."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", not_mlflow_server)
+    started = time.monotonic()
+    code, stderr = run_main(SMALL_RUN, tmp_path, monkeypatch, capsys)
+    assert time.monotonic() - started < HTTP_PROBE_TIMEOUT_S + 5
+    assert code == 2
+    line = _one_line(stderr)
+    assert line.startswith(f"error: MLFLOW_TRACKING_URI='{not_mlflow_server}' answers, but not "
+                           "as an MLflow tracking server (HTTP 404 non-JSON")
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("setting", ["MLFLOW_TRACKING_URI", "hydra.sweeper.storage"])
+def test_an_unreachable_database_server_is_refused_within_seconds(
+    setting: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """MLflow retried an unreachable PostgreSQL for ~110 s, printing 200 lines."""
+    from zsharp_sweeps.tracking.dburl import RDB_PROBE_TIMEOUT_S
+
+    url = "postgresql+psycopg://u:secret@127.0.0.1:1/db"
+    if setting == "MLFLOW_TRACKING_URI":
+        monkeypatch.setenv(setting, url)
+        argv = SMALL_RUN
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        argv = [*GRID_SWEEP, f"{setting}={url}"]
+    started = time.monotonic()
+    code, stderr = run_main(argv, tmp_path, monkeypatch, capsys)
+    assert time.monotonic() - started < RDB_PROBE_TIMEOUT_S + 5
+    assert code == 2
+    line = _one_line(stderr)
+    assert line.startswith(f"error: {setting}='postgresql+psycopg://u:***@127.0.0.1:1/db'"
+                           ": cannot connect (")
+    assert "Connection refused" in line and "secret" not in line
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()

@@ -92,7 +92,7 @@ def test_file_store_is_refused_unless_mlflow_allows_it(
 
 
 @pytest.mark.parametrize("uri", ["sqlite:///{tmp}/new/dir/mlflow.db", "sqlite:///:memory:",
-                                 "databricks", "postgresql+psycopg://u:pw@db.invalid/mlflow"])
+                                 "databricks"])
 def test_usable_uris_pass_and_create_nothing(uri: str, tmp_path: Path) -> None:
     check_tracking_uri(uri.format(tmp=tmp_path))
     assert os.listdir(tmp_path) == []

@@ -114,18 +114,28 @@ def check_tracking_uri(uri: str, setting: str | None = None) -> None:
         )
 
 
+#: The MLflow REST call the probe makes: cheap, read-only, answered by every MLflow >= 2 server.
+HTTP_PROBE_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
 def _probe_http(uri: str, setting: str) -> None:
-    """Any HTTP answer from ``uri`` (even 401/404) means a server is there; no answer within
-    ``HTTP_PROBE_TIMEOUT_S`` seconds, a refused connection or an unknown host is refused."""
+    """``uri`` must answer an MLflow REST call within ``HTTP_PROBE_TIMEOUT_S`` seconds: JSON
+    from ``GET /api/2.0/mlflow/experiments/search``, an MLflow error (JSON with an
+    ``error_code``) or 401/403 (a server behind a login; MLflow then reports its own error).
+    Refused: no answer, a refused connection, an unknown host, and a server that answers but
+    is not MLflow's (a 404 page, HTML), which MLflow would only discover after a traceback."""
+    import json
     import urllib.error
     import urllib.request
 
-    url = uri.rstrip("/") + "/health"
+    url = uri.rstrip("/") + HTTP_PROBE_PATH
     try:
-        with urllib.request.urlopen(url, timeout=HTTP_PROBE_TIMEOUT_S):
+        with urllib.request.urlopen(url, timeout=HTTP_PROBE_TIMEOUT_S) as response:
+            status, body = response.status, response.read(1 << 16)
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read(1 << 16) if exc.fp is not None else b""
+        if status in (401, 403):
             return
-    except urllib.error.HTTPError:
-        return
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ConfigError(
@@ -133,6 +143,17 @@ def _probe_http(uri: str, setting: str) -> None:
             f"{HTTP_PROBE_TIMEOUT_S:g} s for {url}): start the MLflow server (mlflow server "
             f"--host ... --port ...) or allowed {ALLOWED_TRACKING_URIS}."
         ) from None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and (status == 200 or "error_code" in answer):
+        return
+    raise ConfigError(
+        f"{setting}={uri!r} answers, but not as an MLflow tracking server (HTTP {status} "
+        f"{'JSON' if answer is not None else 'non-JSON'} for GET {url}): point it at an "
+        f"MLflow server (mlflow server --host ... --port ...) or allowed {ALLOWED_TRACKING_URIS}."
+    )
 
 
 def _artifact_root_for(uri: str) -> str | None:

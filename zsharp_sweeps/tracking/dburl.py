@@ -81,6 +81,66 @@ def check_rdb_url(url: str, setting: str, allowed: str, *, thorough: bool = True
         if database and database != ":memory:" and not database.startswith("file:"):
             check_sqlite_file(Path(database), setting, url, allowed, thorough=thorough,
                               owner=owner)
+    else:
+        probe_database_server(url, setting, allowed)
+
+
+#: Seconds to wait for a database server (PostgreSQL, MySQL, SQL Server) before refusing it.
+#: MLflow retries an unreachable server for about two minutes, printing each attempt's error.
+RDB_PROBE_TIMEOUT_S = 3.0
+
+#: The connect argument that bounds a driver's connection attempt, in seconds.
+_CONNECT_TIMEOUT_ARG = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout",
+                        "pg8000": "timeout", "mysqldb": "connect_timeout",
+                        "pymysql": "connect_timeout", "mysqlconnector": "connection_timeout",
+                        "pyodbc": "timeout"}
+
+
+def probe_database_server(url: str, setting: str, allowed: str,
+                          timeout_s: float = RDB_PROBE_TIMEOUT_S) -> None:
+    """Connect once to the database server of ``url`` (and disconnect), within ``timeout_s``
+    seconds, before MLflow or Optuna touch it; refuse one that cannot be reached, refuses the
+    login or lacks the database. Reads and writes nothing."""
+    import threading
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(url)
+    arg = _CONNECT_TIMEOUT_ARG.get(parsed.get_driver_name())
+    connect_args = {arg: max(1, round(timeout_s))} if arg else {}
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
+            try:
+                with engine.connect():
+                    pass
+            finally:
+                engine.dispose()
+            outcome.append(None)
+        except Exception as exc:  # any driver's error: reported below
+            outcome.append(exc)
+
+    # A thread bounds drivers that ignore their timeout (DNS, a half-open connection).
+    thread = threading.Thread(target=connect, name="rdb-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 1.0)
+    if outcome and outcome[0] is None:
+        return
+    if not outcome:
+        reason = f"no answer within {timeout_s:g} s"
+    else:
+        exc = outcome[0]
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = detail[0] if detail else type(exc).__name__
+    raise ConfigError(
+        f"{setting}={_redact(url)!r}: cannot connect ({reason}; waited at most "
+        f"{timeout_s:g} s): start the database server or fix the host, port, user, password "
+        f"or database name; allowed {allowed}."
+    )
 
 
 def _redact(url: str) -> str:
