@@ -71,6 +71,26 @@ def test_view_sorts_by_the_objective_and_shows_it_sharpness_and_the_swept_params
     assert SweepView("p1", None).state()["orderByKey"] == "attributes.`start_time`"
 
 
+def test_charts_tab_opens_on_the_sweeps_charts_for_every_trial() -> None:
+    # MLflow's default: one chart per metric, train_loss first, for the first 10 runs.
+    state = _view().state()
+    assert state["runsHiddenMode"] == "SHOW_ALL"
+    assert state["isAccordionReordered"] is True  # the sweep's section stays first
+    [section] = state["compareRunSections"]
+    charts = state["compareRunCharts"]
+    assert {c["metricSectionId"] for c in charts} == {section["uuid"]}
+    assert [c["type"] for c in charts] == ["BAR", "PARALLEL", *["SCATTER"] * 4, "LINE"]
+    assert charts[0]["metricKey"] == "best_val_acc"
+    assert charts[1]["selectedParams"] == SWEPT and charts[1]["selectedMetrics"] == ["best_val_acc"]
+    assert [c["xaxis"] for c in charts[2:6]] == [
+        *({"key": p, "type": "PARAM"} for p in SWEPT),
+        {"key": "sharpness/sam", "type": "METRIC"}]
+    assert all(c["yaxis"] == {"key": "best_val_acc", "type": "METRIC"} for c in charts[2:6])
+    assert charts[-1]["metricKey"] == "val_acc"  # the curves behind the objective
+    assert "train_loss" not in json.dumps(charts)
+    assert SweepView("p1", None).state()["compareRunCharts"] == []
+
+
 def test_view_is_a_saved_view_envelope_with_a_stable_key() -> None:
     view = _view(name="sweep s")
     value = json.loads(view.tag_value(created_ms=5))

@@ -448,7 +448,8 @@ class ZSharpOptunaSweeper(Sweeper):
             parent_run_id=tracker.run_id, objective=objectives[0] if objectives else None,
             maximize=study.directions[0] == optuna.study.StudyDirection.MAXIMIZE,
             params=[override_param_key(k) for k in space.distributions],
-            name=f"sweep {study.study_name}")
+            name=f"sweep {study.study_name}",
+            curve=EPOCH_METRIC_OF_OBJECTIVE.get(objectives[0]) if objectives else None)
         try:  # a view is a convenience: it must not stop a sweep
             self.view_link = tracker.publish_view(self.view)
         except Exception as exc:

@@ -44,6 +44,8 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 EXPERIMENTS_PAGE = "#/experiments?workflowType=machine_learning"
 #: The parent run's tag that names its view (the key of ``SHARED_VIEW_TAG_PREFIX``).
 VIEW_KEY_TAG = "mlflow_view"
+#: The charts section of a sweep's view (its cards carry this id).
+CHART_SECTION = "zsharp-sweep"
 #: Metrics shown after the objective when the trials have them.
 EXTRA_METRICS = ("best_val_acc", "final_test_acc", "sharpness/sam")
 
@@ -67,6 +69,9 @@ class SweepView:
     metrics: Sequence[str] = EXTRA_METRICS
     name: str = "sweep"
     tags: Sequence[str] = field(default=("run_state",))
+    #: The per-epoch metric behind the objective (``val_acc`` for ``best_val_acc``): the
+    #: curves chart.
+    curve: str | None = "val_acc"
 
     def columns(self) -> list[str]:
         metrics = [m for m in dict.fromkeys([*filter(None, [self.objective]), *self.metrics])]
@@ -89,7 +94,44 @@ class SweepView:
             "selectedColumns": self.columns(),
             "runListHidden": False,
             "viewMaximized": False,
+            # The charts tab: what a sweep asks (the objective per trial, the parameters
+            # against it, sharpness against it, the curves), in one section first, for
+            # every trial (MLflow's default charts are one per metric, train_loss first,
+            # for the first 10 runs).
+            "runsHiddenMode": "SHOW_ALL",
+            "compareRunCharts": self.charts(),
+            "compareRunSections": [{"uuid": CHART_SECTION, "name": self.name, "display": True,
+                                    "isReordered": True, "deleted": False,
+                                    "isGenerated": False}],
+            "isAccordionReordered": True,
         }
+
+    def charts(self) -> list[dict]:
+        """The chart cards, as MLflow serialises ``RunsChartsCardConfig``s."""
+        if not self.objective:
+            return []
+
+        def card(kind: str, uid: str, **fields) -> dict:
+            return {"uuid": f"zsharp-{uid}", "type": kind, "metricSectionId": CHART_SECTION,
+                    "deleted": False, "isGenerated": False, "runsCountToCompare": 100,
+                    **fields}
+
+        objective = {"key": self.objective, "type": "METRIC"}
+        cards = [
+            card("BAR", "objective", metricKey=self.objective),
+            card("PARALLEL", "parallel", selectedParams=list(self.params),
+                 selectedMetrics=[self.objective], showAllRuns=True),
+        ]
+        cards += [card("SCATTER", f"param-{i}", xaxis={"key": p, "type": "PARAM"},
+                       yaxis=objective) for i, p in enumerate(self.params)]
+        if "sharpness/sam" in self.metrics:
+            cards.append(card("SCATTER", "sharpness",
+                              xaxis={"key": "sharpness/sam", "type": "METRIC"}, yaxis=objective))
+        if self.curve:
+            cards.append(card("LINE", "curve", metricKey=self.curve,
+                              selectedMetricKeys=[self.curve], lineSmoothness=0,
+                              scaleType="linear", xAxisKey="step", selectedXAxisMetricKey=""))
+        return cards
 
     def key(self) -> str:
         """The view's share key: a hash of its state, so publishing it again is a no-op."""
