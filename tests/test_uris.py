@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 import time
@@ -78,6 +79,41 @@ def test_init_lock_serialises_threads_and_creates_the_parent(tmp_path: Path) -> 
     assert overlaps == [1, 1, 1]  # never two holders at once
     assert (tmp_path / "new" / "dir" / "optuna.db.lock").exists()
     assert not (tmp_path / "new" / "dir" / "optuna.db").exists()  # the lock creates no store
+
+
+def test_init_lock_waits_while_another_process_migrates_a_store(tmp_path: Path) -> None:
+    """Two sweeps started together on a new MLflow store: the first holds the lock through
+    all of MLflow's migrations, but alembic_version has a row after the first of them. The
+    second used to see "initialised" there, open the half-migrated store unlocked and run
+    the same migrations at once (``duplicate column name: outputs``); it must wait."""
+    from filelock import FileLock
+
+    db = tmp_path / "mlruns" / "mlflow.db"
+    db.parent.mkdir()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # one migration in
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        conn.execute("INSERT INTO alembic_version VALUES ('451aebb31d03')")
+    creator = FileLock(str(db.with_name("mlflow.db.lock")))
+    creator.acquire()  # the first sweep, mid-migration
+    entered = threading.Event()
+
+    def second_sweep() -> None:
+        with sqlite_init_lock(f"sqlite:///{db}"):
+            entered.set()
+
+    thread = threading.Thread(target=second_sweep, daemon=True)
+    thread.start()
+    assert not entered.wait(0.5), "opened a store whose migrations were still running"
+    creator.release()  # migrations done
+    assert entered.wait(5)
+    thread.join(5)
+    # A finished store that nobody locks is opened at once, and in parallel.
+    inside: list[int] = []
+    with sqlite_init_lock(f"sqlite:///{db}"):
+        inside.append(1)
+        with sqlite_init_lock(f"sqlite:///{db}"):
+            inside.append(2)
+    assert inside == [1, 2]
 
 
 def test_init_lock_is_a_no_op_for_servers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,3 +210,27 @@ def test_sqlite_initialised_needs_a_migrated_schema(tmp_path: Path, folder: str)
     with sqlite3.connect(db) as conn:
         conn.execute("INSERT INTO alembic_version VALUES ('abc')")
     assert sqlite_initialised(db)
+
+
+@pytest.mark.long
+@pytest.mark.timeout(180)
+def test_two_processes_creating_one_mlflow_store_both_succeed(tmp_path: Path) -> None:
+    """The real race: the second Tracker starts once the first has run one of MLflow's
+    migrations; before the fix it exited 1 with ``duplicate column name`` when its imports
+    ended before the first's migrations did (timing: not every run). The deterministic pin
+    is ``test_init_lock_waits_while_another_process_migrates_a_store``."""
+    import subprocess
+    import sys
+
+    db = tmp_path / "mlflow.db"
+    code = ("from zsharp_sweeps.config import TrackingConfig; "
+            "from zsharp_sweeps.tracking import Tracker; "
+            f"Tracker(TrackingConfig(uri='sqlite:///{db}', experiment='e'))")
+    first = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not sqlite_initialised(db) and time.monotonic() < deadline:  # a migration in
+        time.sleep(0.005)
+    second = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    for proc in (first, second):
+        _, err = proc.communicate(timeout=150)
+        assert proc.returncode == 0, err[-2000:]

@@ -33,18 +33,42 @@ def sqlite_init_lock(url: str) -> Iterator[None]:
     """Hold an exclusive lock on ``<db>.lock`` while a SQLite store is opened/created.
 
     A no-op for any other store. Threads of one process exclude each other too (each call
-    opens its own lock).
+    opens its own lock). A store whose schema exists is opened without the lock (opening it
+    in parallel is safe; serialising it made N sweep workers start one after another, ~5 s
+    each on a GPU host, where a first MLflow client spends that long importing and
+    checking), but only once nobody holds the lock: the creator holds it through all of
+    MLflow's (or Optuna's) migrations, and ``alembic_version`` has a row after the first of
+    them, so "has a schema" alone let a second process into a half-migrated store
+    (``duplicate column name: outputs``, ``CircularDependencyError``).
     """
     path = sqlite_path(url)
-    if path is None or sqlite_initialised(path):
-        # A store whose schema exists needs no lock: opening it in parallel is safe, and
-        # serialising it made N sweep workers start one after another (~5 s each on a GPU
-        # host, where a first MLflow client spends that long importing and checking).
+    if path is None:
+        yield
+        return
+    lock_path = path.with_name(path.name + ".lock")
+    if sqlite_initialised(path) and _creation_finished(lock_path):
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_name(path.name + ".lock"))):
+    lock = FileLock(str(lock_path))
+    lock.acquire()
+    if sqlite_initialised(path):  # made by the holder we waited for: open it unlocked
+        lock.release()
         yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _creation_finished(lock_path: Path) -> bool:
+    """Nobody holds ``lock_path`` (waits while someone does). Never creates the lock file:
+    without one, no process of ours ever created or migrated this store."""
+    if not lock_path.exists():
+        return True
+    with FileLock(str(lock_path)):  # held by a creator: wait until its migrations are done
+        return True
 
 
 def sqlite_initialised(path: Path) -> bool:
