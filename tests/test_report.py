@@ -313,6 +313,18 @@ def test_multi_objective_report_has_pareto_front(tmp_path: Path) -> None:
     assert "None" not in (tmp_path / "summary.txt").read_text()  # no epoch reports: '-'
 
 
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` showed the module docstring's reStructuredText (double backticks)."""
+    import re
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and not re.search(r":[a-z]+:`", out), out
+    assert "Write a sweep's report again" in out and "--compare zsharp,sam" in out
+
+
 def test_format_table_uses_pandas_layout() -> None:
     text = format_table([{"optimizer": "zsharp", "acc": 0.8123456, "std": float("nan")}])
     assert text.splitlines() == ["optimizer    acc  std", "   zsharp 0.8123    -"]

@@ -29,9 +29,23 @@ def _tracker(uri: str | None, experiment: str) -> Tracker | None:
     return Tracker(TrackingConfig(uri=uri, experiment=experiment))
 
 
+#: What ``--help`` says: plain text (the module docstring is reStructuredText, whose
+#: double backticks and roles read as noise in a terminal).
+DESCRIPTION = """\
+Write a sweep's report again: summary.txt and report.md (best settings, every trial with
+its state, why failed trials failed, test accuracy per configuration over seeds, the
+optional paired test), best_settings.csv, trials.csv, seeds.csv and the plots, as a sweep
+writes them when it ends. With the study's MLflow parent run, the files are logged to it.
+
+examples:
+  python -m zsharp_sweeps.report multirun/zsharp_rho_qp_lr-resnet56-cifar10
+  python -m zsharp_sweeps.report multirun/compare_optimizers-resnet20-cifar10 --compare zsharp,sam
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m zsharp_sweeps.report", description=__doc__,
+        prog="python -m zsharp_sweeps.report", description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("target", help="sweep directory, its optuna.db, or an Optuna storage URL")
