@@ -555,3 +555,21 @@ def test_an_unreachable_database_server_is_refused_within_seconds(
                            ": cannot connect (")
     assert "Connection refused" in line and "secret" not in line
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
+
+
+# ---- a hardware option this machine cannot run ---------------------------------------------
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_gpu_option_without_cuda_names_what_was_typed_and_what_to_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """hardware=gpu_fast used to say only ``hardware.device='cuda' but CUDA is not available``."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, stderr = run_main([*SMALL_RUN, "hardware=gpu_fast"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert _one_line(stderr) == (
+        "error: hardware=gpu_fast (hardware.device='cuda') but CUDA is not available on this "
+        "machine: use hardware=auto (the fastest device this machine has) or hardware=cpu "
+        "instead.")
+    assert not (tmp_path / "mlruns").exists()

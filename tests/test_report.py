@@ -298,6 +298,24 @@ def test_no_complete_trial(tmp_path: Path) -> None:
     assert "(no complete trials)" in summary and "PRUNED" in summary
 
 
+def test_failed_trials_show_why_they_failed(tmp_path: Path) -> None:
+    """A failed trial's reason (the ``fail_reason`` user attribute a worker sets, one line)
+    is in the summary and in trials.csv; a trial from before it existed says so."""
+    study = optuna.create_study(direction="maximize")
+    _add_trial(study, {RHO: 0.05}, 0.7, TrialState.COMPLETE, {})
+    reason = ("the run diverged: training loss nan at epoch 1 (first at step 2 of 3, global "
+              "step 2) with optimizer.lr=1e+06; try a smaller optimizer.lr")
+    _add_trial(study, {RHO: 0.2}, None, TrialState.FAIL, {"fail_reason": reason})
+    _add_trial(study, {RHO: 0.3}, None, TrialState.FAIL, {})
+    write_report(study, tmp_path)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "failed trials (why):" in summary
+    assert f"    1  {reason}" in summary.splitlines()
+    assert "    2  (no reason recorded)" in summary.splitlines()
+    trials = pd.read_csv(tmp_path / "trials.csv", keep_default_na=False)
+    assert list(trials["fail_reason"]) == ["", reason, "(no reason recorded)"]
+
+
 def test_multi_objective_report_has_pareto_front(tmp_path: Path) -> None:
     study = optuna.create_study(directions=["maximize", "minimize"])
     space = {RHO: SPACE[RHO], QP: SPACE[QP]}

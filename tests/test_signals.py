@@ -71,6 +71,20 @@ def test_exit_codes_are_128_plus_the_signal() -> None:
     assert exit_code(KeyboardInterrupt()) == 130
 
 
+@pytest.mark.parametrize(("raised", "code", "name"), [
+    (KeyboardInterrupt(), 130, "SIGINT"), (Terminated(signal.SIGTERM), 143, "SIGTERM"),
+])
+def test_a_stopped_run_names_the_signal(raised: KeyboardInterrupt, code: int, name: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C used to print ``stopped ():`` (a KeyboardInterrupt's text is empty)."""
+    from zsharp_sweeps import cli
+
+    with pytest.raises(SystemExit) as info, cli.edge():
+        raise raised
+    assert info.value.code == code
+    assert capsys.readouterr().err == f"stopped ({name}): the run ends KILLED\n"
+
+
 @pytest.mark.parametrize(
     ("raised", "status", "state", "killed_by"),
     [
@@ -143,7 +157,8 @@ def test_killed_training_process_ends_its_run_killed(
     assert time.monotonic() - sent < 30
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("stopped (")
+    assert stderr.strip().splitlines()[-1] == (
+        f"stopped ({signal.Signals(signum).name}): the run ends KILLED")
 
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(experiment_name).experiment_id])

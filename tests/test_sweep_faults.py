@@ -17,6 +17,7 @@ from zsharp_sweeps.sweep.lifecycle import pid_alive
 from zsharp_sweeps.sweep.progress import INTERRUPTED_ATTR, counted_trials, retried_numbers
 
 from .sweep_helpers import (
+    STUDY,
     load_study,
     mlflow_runs,
     run_sweep,
@@ -67,8 +68,14 @@ def _resume_completes(cwd: Path, n_trials: int, *extra: str) -> None:
     assert all(t.state == TrialState.COMPLETE for t in counted)
 
 
+def _checkpointed_trials(cwd: Path) -> set[int]:
+    sweep_dir = cwd / "multirun" / STUDY
+    return {int(p.relative_to(sweep_dir).parts[0]) for p in sweep_dir.glob("*/checkpoints/*.pt")}
+
+
 def test_sigterm_stops_workers_cleanly_and_resume_retries(cwd: Path) -> None:
-    proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", *LONG)
+    keep = "hydra.sweeper.keep_checkpoints=best"
+    proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", keep, *LONG)
     wait_for(lambda: len(running_trials_with_reports(cwd)) == 2, 180,
              "both workers training", proc)
     pids = _worker_pids(cwd)
@@ -76,12 +83,16 @@ def test_sigterm_stops_workers_cleanly_and_resume_retries(cwd: Path) -> None:
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     for pid in pids:  # the workers ended with the sweep
         wait_for(lambda pid=pid: not pid_alive(pid), 10, f"worker {pid} to exit")
-    _assert_interrupted_cleanly(cwd)
+    interrupted = _assert_interrupted_cleanly(cwd)
+    # keep_checkpoints=best deletes nothing from a stopped sweep: the retries resume there.
+    assert {t.number for t in interrupted} <= _checkpointed_trials(cwd)
     # The retries run and the study completes with exactly n_trials that count; the
     # trials' MLflow runs link the attempts they repeat.
-    _resume_completes(cwd, 4, "hydra.sweeper.n_jobs=2")
+    _resume_completes(cwd, 4, "hydra.sweeper.n_jobs=2", keep)
     _, _, children = mlflow_runs(cwd)
     assert any("retry_of" in c.data.tags for c in children if c.info.status == "FINISHED")
+    # Finished: only the best trial keeps its checkpoints.
+    assert _checkpointed_trials(cwd) == {load_study(cwd).best_trial.number}
 
 
 def test_ctrl_c_of_an_in_process_sweep_fails_the_trial_and_kills_the_run(cwd: Path) -> None:

@@ -314,6 +314,47 @@ def test_a_stop_between_a_trials_ask_and_its_training_interrupts_it(tmp_path: Pa
     assert progress(study).failed == 0 and progress(study).finished == 0
 
 
+@pytest.mark.slow
+def test_a_failed_trial_is_one_line_with_its_reason_and_epoch_lines_name_their_trial(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A diverged trial: one log line with what diverged, where and what to try (no Hydra
+    "Error executing job" line, no traceback), and that line as the trial's ``fail_reason``
+    user attribute (optuna-dashboard, the report). Epoch lines of parallel workers
+    interleave in one log: each starts with its trial (``[t0] epoch 1/1: ...``)."""
+    from dataclasses import replace
+
+    from zsharp_sweeps.sweep.progress import FAIL_REASON_ATTR
+    from zsharp_sweeps.train import task
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="d", storage=storage, direction="maximize")
+    study.enqueue_trial({"optimizer.lr": 0.05})
+    study.enqueue_trial({"optimizer.lr": 1e30})
+    fixed = ["data=digits", "hardware=cpu", "model=mlp", "model.params.hidden=16",
+             "optimizer=sgd", "trainer.epochs=1", "trainer.max_steps_per_epoch=3",
+             "tracking=off", "sharpness=none"]
+    with worker_job(fixed, tmp_path / "sweep", task) as job, caplog.at_level(logging.INFO):
+        plan, job.host = _plans(tmp_path, storage, "d", ["cpu:0"],
+                                {"optimizer.lr": CategoricalDistribution([0.05, 1e30])}, 2,
+                                os.getpid(), fixed)
+        job.study = replace(plan, max_failure_rate=1.0)
+        Worker.join(job, index=0).run()
+    good, diverged = optuna.load_study(study_name="d", storage=storage).trials
+    assert (good.state, diverged.state) == (TrialState.COMPLETE, TrialState.FAIL)
+    reason = diverged.user_attrs[FAIL_REASON_ATTR]
+    assert reason.startswith("the run diverged: training loss nan at epoch 1 (first at step 2 "
+                             "of 3, global step 2) with optimizer.lr=1e+30; try "), reason
+    assert FAIL_REASON_ATTR not in good.user_attrs
+    failed = [r for r in caplog.records if "trial 1 failed" in r.getMessage()]
+    assert [r.getMessage().split(" (t1 ")[0] for r in failed] == [f"trial 1 failed: {reason}"]
+    # (Optuna's own records of it are dropped by its handler's filter: test above.)
+    assert not [r for r in caplog.records if r.exc_info and not r.name.startswith("optuna")]
+    assert "Error executing job" not in capsys.readouterr().err
+    trial_log = (tmp_path / "sweep" / "0" / "train.log").read_text()
+    assert re.search(r"\] - \[t0\] epoch 1/1: train_loss=", trial_log), trial_log
+
+
 def test_prestarted_worker_processes_wait_for_a_job_and_end_when_discarded() -> None:
     """The sweeper starts the worker processes before its study exists (their imports take
     seconds); those that get no job (the sweep failed first) end with nothing done."""
@@ -354,18 +395,19 @@ def test_a_worker_forked_after_cuda_started_says_to_spawn(
     assert optuna.load_study(study_name="f", storage=storage).trials == []
 
 
-def test_interrupted_trials_log_no_optuna_traceback() -> None:
-    """Ctrl-C/SIGTERM in a trial: the worker's one line says it; Optuna's traceback of it is
-    dropped. Any other failure keeps its traceback."""
+def test_optuna_records_of_failed_trials_are_dropped() -> None:
+    """A failed or interrupted trial: the worker's one line says it, with its reason (and
+    logs the traceback of a bug itself); Optuna's two records of it are dropped. Its other
+    warnings stay."""
     import io
     import logging
 
-    from zsharp_sweeps.sweep.quiet import quiet_interrupted_trials
+    from zsharp_sweeps.sweep.quiet import quiet_failed_trials
     from zsharp_sweeps.training.signals import Terminated
 
     optuna.logging.enable_default_handler()
-    quiet_interrupted_trials()
-    quiet_interrupted_trials()  # twice: one filter
+    quiet_failed_trials()
+    quiet_failed_trials()  # twice: one filter
     handler = logging.getLogger("optuna").handlers[0]
     assert len(handler.filters) == 1
     logger = optuna.logging.get_logger("optuna.study._optimize")
@@ -375,8 +417,11 @@ def test_interrupted_trials_log_no_optuna_traceback() -> None:
             try:
                 raise exc
             except BaseException:
-                logger.warning(f"Trial 0 failed because of {type(exc).__name__}", exc_info=True)
+                logger.warning(f"Trial 0 failed with parameters: {{}} because of the following "
+                               f"error: {exc!r}.", exc_info=True)
+        logger.warning("Trial 0 failed with value None.")
+        optuna.logging.get_logger("optuna.samplers").warning("something else")
     finally:
         err = handler.setStream(stream).getvalue()
-    assert "KeyboardInterrupt" not in err and "Terminated" not in err
-    assert "Trial 0 failed because of ValueError" in err and "Traceback" in err
+    assert "Trial 0" not in err and "Traceback" not in err
+    assert "something else" in err

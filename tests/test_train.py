@@ -121,7 +121,34 @@ def test_a_run_that_raises_ends_failed(make_cfg, mlflow_uri: str, experiment_nam
         run_training(cfg)
     _, runs = _runs(mlflow_uri, experiment_name)
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert runs[0].data.tags["error"].startswith("NonFiniteLossError: training loss is")
+    assert runs[0].data.tags["error"].startswith(
+        "NonFiniteLossError: the run diverged: training loss nan at epoch 1 (first at step 2 of 3")
+
+
+def test_a_diverged_run_says_so_in_one_line_and_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    mlflow_uri: str, experiment_name: str,
+) -> None:
+    """What diverged, where and what to try, in one line on stderr (it was Hydra's "Error
+    executing job" and a traceback); exit status 1; the MLflow run ends FAILED."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [
+        "zsharp_sweeps.train", "data=digits", "hardware=cpu", "model=mlp",
+        "model.params.hidden=16", "optimizer=sgd", "optimizer.lr=1e30", "trainer.epochs=1",
+        "trainer.max_steps_per_epoch=3", "sharpness=none", f"tracking.uri={mlflow_uri}",
+        f"tracking.experiment={experiment_name}"])
+    with pytest.raises(SystemExit) as info:
+        train.main()
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Error executing job" not in err, err
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("error: the run diverged: training loss nan at epoch 1 (first at "
+                           "step 2 of 3, global step 2) with optimizer.lr=1e+30; try a smaller "
+                           "optimizer.lr (e.g. optimizer.lr=1e+29)"), line
+    assert line.endswith("(the MLflow run ends FAILED)")
+    _, runs = _runs(mlflow_uri, experiment_name)
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

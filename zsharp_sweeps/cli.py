@@ -1,9 +1,11 @@
 """The command-line edge: where an exception becomes an exit status, once.
 
 Inside, everything raises: bad input of any kind is a ``ConfigError`` (or a dataset that
-cannot be had, ``DatasetUnavailableError``) naming the setting, a stop by a signal is a
+cannot be had, ``DatasetUnavailableError``) naming the setting, a run that failed for a
+reason one line says is a ``TrainingFailed`` (it diverged), a stop by a signal is a
 ``KeyboardInterrupt`` (``Terminated``, ``Stopped``). Here they become what a shell and a
-scheduler read: one line on stderr and exit status 2 for bad input, 128 + the signal for a
+scheduler read: one line on stderr and exit status 2 for bad input, one line and status 1
+(``RUN_FAILED``) for a failed run, ``stopped (SIGINT)`` and 128 + the signal for a
 stop. A config that does not compose (an unknown option, a misspelled key, an override
 Hydra cannot parse, two commands such as ``--multirun --cfg job``) is bad input too: Hydra's
 own message (its "Did you mean ...", its list of available options) flattened to one line.
@@ -13,13 +15,15 @@ any other part of the app outside a job) itself, as a traceback and status 1, un
 ``HYDRA_FULL_ERROR`` is set: the edge sets it for the duration of the command so that the
 exception reaches it, and restores it after. An ``Exception`` from a job's task function is
 reported by Hydra's job machinery on the way out (an "Error executing job" line), so a single
-run's task hands bad input on as :class:`BadInput`, which passes through untouched.
+run's task hands bad input on as :class:`BadInput` and a failed run as :class:`RunFailed`,
+which pass through untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from collections.abc import Iterator
 
@@ -31,6 +35,9 @@ from zsharp_sweeps.training.signals import Stopped, exit_code
 
 #: Exit status for bad input (a setting, the tracking store, a dataset that cannot be had).
 BAD_INPUT = 2
+#: Exit status for a run that failed for a reason one line says (``TrainingFailed``: it
+#: diverged); its MLflow run ends FAILED. The status a failing Python program has anyway.
+RUN_FAILED = 1
 
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
@@ -42,6 +49,11 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
 
 class BadInput(BaseException):  # noqa: N818  (it is not an error of the program)
     """Bad input (its ``__cause__``) on its way from a job's task function to the edge."""
+
+
+class RunFailed(BaseException):  # noqa: N818  (it is not an error of the program)
+    """A ``TrainingFailed`` (its ``__cause__``) on its way from a single run's task
+    function to the edge, past Hydra's job machinery (which would print its traceback)."""
 
 
 @contextlib.contextmanager
@@ -57,12 +69,18 @@ def edge() -> Iterator[None]:
     except BadInput as exc:
         print(f"error: {one_line(str(exc.__cause__))}", file=sys.stderr)
         sys.exit(BAD_INPUT)
+    except RunFailed as exc:
+        print(f"error: {one_line(str(exc.__cause__))} (the MLflow run ends FAILED)",
+              file=sys.stderr)
+        sys.exit(RUN_FAILED)
     except Stopped as exc:
         print(exc, file=sys.stderr)
         sys.exit(exit_code(exc))
     except KeyboardInterrupt as exc:
-        print(f"stopped ({exc or 'Ctrl-C'}): the run ends KILLED", file=sys.stderr)
-        sys.exit(exit_code(exc))
+        code = exit_code(exc)  # the signal's name, not the exception's (empty) text
+        print(f"stopped ({signal.Signals(code - 128).name}): the run ends KILLED",
+              file=sys.stderr)
+        sys.exit(code)
     except Exception as exc:
         if isinstance(exc, ValueError) and _raised_by_hydra(exc):  # its command-line parser
             print(f"error: {one_line(str(exc))}", file=sys.stderr)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from zsharp_sweeps import cli
 from zsharp_sweeps.config import ConfigError, register_configs, validate
 from zsharp_sweeps.training.context import RunContext, current_context
+from zsharp_sweeps.training.failures import TrainingFailed
 from zsharp_sweeps.training.run import (
     check_config as check_settings,
 )
@@ -92,6 +93,10 @@ def task(cfg: DictConfig) -> float | tuple[float, ...]:
         if trial is not None:
             raise  # the trial fails; the sweep goes on
         raise cli.BadInput() from exc  # a single run: to the command-line edge, exit 2
+    except TrainingFailed as exc:
+        if trial is not None:
+            raise  # the trial fails with this one line as its reason; the sweep goes on
+        raise cli.RunFailed() from exc  # a single run: one line at the edge, exit 1
     return objective_values(train_cfg, summary)
 
 

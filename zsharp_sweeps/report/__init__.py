@@ -37,6 +37,7 @@ from zsharp_sweeps.report.tables import (
     best_settings,
     compare,
     compare_optimizers,
+    failed_frame,
     format_table,
     objective_names,
     paired_test,
@@ -293,6 +294,14 @@ def write_report(
               format_table(best, empty="(no complete trials)"))
     everything = trials_frame(trials, names)
     doc.table("all trials", format_table(everything, empty="(no trials)"))
+    failed = failed_frame(trials)
+    if not failed.empty:  # one line each: what optuna-dashboard shows as fail_reason
+        doc.table("failed trials (why)", "\n".join(
+            f"{row.trial:>5}  {row.fail_reason}" for row in failed.itertuples()))
+    if not everything.empty:
+        reasons = dict(zip(failed["trial"], failed["fail_reason"]))
+        everything = everything.assign(fail_reason=[reasons.get(n, "")
+                                                    for n in everything["trial"]])
     files: list[Path] = []
     for frame, name in ((best, "best_settings.csv"), (everything, "trials.csv")):
         frame.to_csv(out / name, index=False)

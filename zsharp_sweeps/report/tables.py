@@ -21,6 +21,8 @@ import optuna
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
+from zsharp_sweeps.sweep.progress import FAIL_REASON_ATTR, REJECTED_ATTR
+
 SEED = "seed"
 OPTIMIZER = "optimizer"
 
@@ -57,6 +59,21 @@ def trials_frame(trials: Sequence[FrozenTrial], names: Sequence[str]) -> pd.Data
             "epochs": len(t.intermediate_values), "last_reported": last, **t.params,
         })
     return pd.DataFrame(rows)
+
+
+def fail_reason(trial: FrozenTrial) -> str:
+    """Why a failed trial failed, in one line: its ``fail_reason`` user attribute (set by
+    the sweep's workers), else ``rejected_value``; trials from before either say so."""
+    attrs = trial.user_attrs
+    return str(attrs.get(FAIL_REASON_ATTR) or attrs.get(REJECTED_ATTR)
+               or "(no reason recorded)")
+
+
+def failed_frame(trials: Sequence[FrozenTrial]) -> pd.DataFrame:
+    """One row per failed trial: its number and why it failed."""
+    return pd.DataFrame([{"trial": t.number, "fail_reason": fail_reason(t)}
+                         for t in trials if t.state == TrialState.FAIL],
+                        columns=["trial", "fail_reason"])
 
 
 def best_settings(

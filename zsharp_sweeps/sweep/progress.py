@@ -26,6 +26,9 @@ INTERRUPTED_ATTR = "interrupted"
 #: the wrong count): FAIL and counted, but not a failure of the task (``max_failure_rate``
 #: bounds the trials whose task raised or whose worker died, as the stock sweeper does).
 REJECTED_ATTR = "rejected_value"
+#: User attr of a failed trial: why, in one line (``worker.failure_reason``): what
+#: optuna-dashboard and the sweep report show.
+FAIL_REASON_ATTR = "fail_reason"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 

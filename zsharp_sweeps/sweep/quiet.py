@@ -4,9 +4,11 @@ Heartbeats, the stale-trial retry callback, ``set_metric_names`` and the QMC sam
 been stable for years but each call warns (``ExperimentalWarning``). One context manager
 silences exactly that warning, at the places we call them on purpose.
 
-Optuna logs a trial that ends by Ctrl-C or SIGTERM with its traceback, once per worker; the
-worker says the same in one line ("Trial 3 interrupted: recorded FAIL, enqueued again"), so
-those tracebacks are dropped (``quiet_interrupted_trials``). Other failures keep theirs.
+Optuna logs every failed trial twice ("Trial 3 failed with parameters ... because of the
+following error: ..." with its traceback, then "Trial 3 failed with value None."). The worker
+says why in one line ("trial 3 failed: the run diverged: ..."), and logs the traceback itself
+where the failure is a bug rather than an outcome (``worker.failure_reason``), so Optuna's
+records of failed trials are dropped (``quiet_failed_trials``).
 """
 
 from __future__ import annotations
@@ -27,14 +29,19 @@ def optuna_experimental() -> Iterator[None]:
         yield
 
 
-class _NoInterruptTracebacks(logging.Filter):
+class _NoFailedTrialRecords(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            return False
+        message = record.msg if isinstance(record.msg, str) else ""
+        return not (record.name == "optuna.study._optimize" and message.startswith("Trial ")
+                    and " failed with " in message)
 
 
-def quiet_interrupted_trials() -> None:
-    """Drop Optuna's log records that carry a Ctrl-C/SIGTERM traceback (this process)."""
+def quiet_failed_trials() -> None:
+    """Drop Optuna's log records of failed trials (this process): the worker logs each in
+    one line, with its reason."""
     root = logging.getLogger("optuna")
     for handler in root.handlers:
-        if not any(isinstance(f, _NoInterruptTracebacks) for f in handler.filters):
-            handler.addFilter(_NoInterruptTracebacks())
+        if not any(isinstance(f, _NoFailedTrialRecords) for f in handler.filters):
+            handler.addFilter(_NoFailedTrialRecords())

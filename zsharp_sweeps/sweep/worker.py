@@ -21,6 +21,7 @@ count toward ``n_trials``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -35,15 +36,17 @@ from typing import Any
 
 import optuna
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, run_job
+from hydra.core.utils import JobStatus, run_job
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from zsharp_sweeps.config import ConfigError
 from zsharp_sweeps.sweep.lifecycle import watchdog
 from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
 from zsharp_sweeps.sweep.progress import (
+    FAIL_REASON_ATTR,
     INTERRUPTED_ATTR,
     REJECTED_ATTR,
     SURPLUS_ATTR,
@@ -51,12 +54,13 @@ from zsharp_sweeps.sweep.progress import (
     progress,
     retried_from,
 )
-from zsharp_sweeps.sweep.quiet import optuna_experimental, quiet_interrupted_trials
+from zsharp_sweeps.sweep.quiet import optuna_experimental, quiet_failed_trials
 from zsharp_sweeps.sweep.records import record_results
 from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, suggest
 from zsharp_sweeps.sweep.storage import open_storage
 from zsharp_sweeps.sweep.trial import TrialReporter
 from zsharp_sweeps.training.context import DataCache, RunContext, use_context
+from zsharp_sweeps.training.failures import TrainingFailed
 from zsharp_sweeps.training.signals import check_stop, graceful_stop
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,26 @@ class MaxFailuresExceeded(RuntimeError):
 
 class RejectedValue(ValueError):
     """The task function returned something that is not the study's objective value(s)."""
+
+
+#: Failures that are outcomes of a trial's settings, not bugs: their message is the whole
+#: story (no traceback is logged for them).
+EXPLAINED_FAILURES: tuple[type[BaseException], ...] = (TrainingFailed, ConfigError,
+                                                       RejectedValue)
+
+#: A trial's ``fail_reason`` is cut to this many characters.
+FAIL_REASON_MAX = 500
+
+
+def failure_reason(exc: BaseException) -> str:
+    """Why a trial failed, in one line: the message of an explained failure (a diverged
+    run, an invalid sampled config, a rejected return value), else the exception's type and
+    the first line of its message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines) if isinstance(exc, EXPLAINED_FAILURES) else (lines or [""])[0]
+    if not isinstance(exc, EXPLAINED_FAILURES):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= FAIL_REASON_MAX else text[: FAIL_REASON_MAX - 3] + "..."
 
 
 def _retry(study: optuna.Study, trial: FrozenTrial, max_retry: int | None) -> None:
@@ -335,12 +359,17 @@ class Worker:
         if trial.user_attrs.get(SURPLUS_ATTR):
             return
         value = ""
+        state = trial.state.name.lower()
         if trial.state == TrialState.COMPLETE:
             names = self.plan.objectives or ["value"] * len(trial.values)
             value = ": " + ", ".join(f"{name}={v:.4f}" for name, v in zip(names, trial.values))
+        elif trial.state == TrialState.FAIL:
+            state = "failed"
+            if trial.user_attrs.get(FAIL_REASON_ATTR):
+                value = f": {trial.user_attrs[FAIL_REASON_ATTR]}"
         wall = trial.user_attrs.get("wall_s")
-        log.info(
-            f"trial {trial.number} {trial.state.name.lower()}{value} "
+        (log.warning if trial.state == TrialState.FAIL else log.info)(
+            f"trial {trial.number} {state}{value} "
             f"({trial_run_name(trial.number, trial.params)}) on {self.device}"
             + (f" in {wall:.1f}s" if wall is not None else "")
         )
@@ -368,9 +397,19 @@ class Worker:
         trial.set_user_attr(INTERRUPTED_ATTR, False)  # a retry copies its original's attrs
         try:
             return self._run(trial, started)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             with contextlib.suppress(Exception):
                 trial.set_user_attr(INTERRUPTED_ATTR, True)
+                name = signal.Signals(int(getattr(exc, "signum", signal.SIGINT))).name
+                trial.set_user_attr(FAIL_REASON_ATTR, f"interrupted ({name}): retried")
+            raise
+        except Exception as exc:
+            # Optuna records it FAIL; dashboards and the report show this line.
+            reason = failure_reason(exc)
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(FAIL_REASON_ATTR, reason)
+            if not isinstance(exc, EXPLAINED_FAILURES):  # a bug: its traceback is needed
+                log.error(f"trial {trial.number} failed: {reason}", exc_info=exc)
             raise
 
     def _requeue_if_retry(self, trial: optuna.Trial) -> None:
@@ -409,8 +448,7 @@ class Worker:
                      f"(overrides: {out_dir / '.hydra' / 'overrides.yaml'})")
             try:
                 with use_context(context):
-                    ret = self._run_job(cfg)
-                value = ret.return_value  # the task's exception, if it raised
+                    value = self._run_job(cfg)  # raises the task's exception
             finally:
                 wall = time.perf_counter() - started
                 self.trials_run += 1
@@ -423,14 +461,32 @@ class Worker:
             trial.set_user_attr(REJECTED_ATTR, str(exc))
             raise
 
-    def _run_job(self, cfg: DictConfig) -> JobReturn:
+    def _run_job(self, cfg: DictConfig) -> Any:
         """One Hydra job in this process, as Hydra's launchers run one (``run_job`` puts
-        Hydra's config and working directory back afterwards). The worker keeps its own
-        logging: the trial's lines also go to the trial's log file (``_trial_log``)."""
+        Hydra's config and working directory back afterwards); returns what the task
+        function returned, or raises what it raised. The worker keeps its own logging: the
+        trial's lines also go to the trial's log file (``_trial_log``).
+
+        The task's exception is taken as it was raised, not from ``JobReturn.return_value``,
+        which prints "Error executing job with overrides: [...]" first: the worker logs one
+        line per failed trial, with its reason."""
         job = self.job
-        return run_job(hydra_context=job.hydra_context, task_function=job.task_function,
-                       config=cfg, job_dir_key="hydra.sweep.dir",
-                       job_subdir_key="hydra.sweep.subdir", configure_logging=False)
+        raised: list[Exception] = []
+
+        @functools.wraps(job.task_function)
+        def task_function(cfg: DictConfig) -> Any:
+            try:
+                return job.task_function(cfg)
+            except Exception as exc:
+                raised.append(exc)
+                raise
+
+        ret = run_job(hydra_context=job.hydra_context, task_function=task_function,
+                      config=cfg, job_dir_key="hydra.sweep.dir",
+                      job_subdir_key="hydra.sweep.subdir", configure_logging=False)
+        if ret.status == JobStatus.FAILED and raised:
+            raise raised[0]
+        return ret.return_value
 
     def _context(self, trial: optuna.Trial, params: dict[str, Any], overrides: list[str],
                  out_dir: Path) -> RunContext:
@@ -453,7 +509,7 @@ class Worker:
             run_name=trial_run_name(trial.number, params), parent_run_id=self.plan.parent_run_id,
             tags=tags, overrides=overrides, callbacks=callbacks, data_cache=self.data_cache,
             checkpoint_dir=out_dir / "checkpoints", resume_from=resume_from,
-            new_run_on_resume=True, supersedes=supersedes,
+            new_run_on_resume=True, supersedes=supersedes, log_prefix=f"[t{trial.number}] ",
         )
 
 
@@ -467,7 +523,7 @@ def run_worker(job: WorkerJob) -> dict[str, Any]:
         index = 0
     # Our own "trial N complete: ..." lines say what Optuna's INFO lines say, per worker.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    quiet_interrupted_trials()
+    quiet_failed_trials()
     with watchdog(job.host.stop_file, job.host.main_pid, job.host.main_host or None), \
             graceful_stop():
         return Worker.join(job, index).run()

@@ -73,7 +73,9 @@ class RunContext:
     on the device between runs. ``checkpoint_dir`` replaces ``trainer.checkpoint_dir`` (a
     sweep trial's folder); ``resume_from`` is a checkpoint directory to continue from when its
     config matches (a retried trial; otherwise the run starts at epoch 1 and says why), in a
-    new MLflow run when ``new_run_on_resume``. ``supersedes``: tags of MLflow runs of a dead
+    new MLflow run when ``new_run_on_resume``. ``log_prefix`` starts the run's per-epoch log
+    lines (a sweep trial's ``[t7] ``: parallel workers' lines interleave in one log); empty
+    for a single run. ``supersedes``: tags of MLflow runs of a dead
     attempt at this run that still say RUNNING; they are ended KILLED before it starts.
     """
 
@@ -90,6 +92,7 @@ class RunContext:
     resume_from: Path | None = None
     new_run_on_resume: bool = False
     supersedes: dict[str, str] | None = None
+    log_prefix: str = ""
 
 
 _current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -10,10 +11,26 @@ import torch
 from zsharp_sweeps.config import ConfigError
 
 
-def resolve_device(requested: str) -> torch.device:
+def hardware_choice(overrides: Sequence[str]) -> str | None:
+    """``hardware=gpu_fast`` if the command line chose the hardware option (the last such
+    override wins, as in Hydra) and did not set ``hardware.device`` itself, else None."""
+    chosen = None
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        key = key.lstrip("+~")
+        if sep and key == "hardware":
+            chosen = f"hardware={value}"
+        elif key == "hardware.device":
+            return None
+    return chosen
+
+
+def resolve_device(requested: str, chosen_by: str | None = None) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error.
 
     A sweep worker passes its own device (``cuda:N``, or ``cpu:N``: a CPU worker's label).
+    ``chosen_by`` is what the user typed that asked for the device (``hardware=gpu_fast``,
+    whose ``hardware.device`` is ``cuda``): the error names it, and what to use instead.
     """
     if requested == "auto":
         if torch.cuda.is_available():
@@ -21,19 +38,23 @@ def resolve_device(requested: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    problem, allowed = None, "auto, cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
+        problem = "CUDA is not available on this machine"
+    elif requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        problem = f"this machine has {count} CUDA device(s)"
+        allowed = f"cuda:0 .. cuda:{count - 1}"
+    elif requested == "mps" and not torch.backends.mps.is_available():
+        problem = "MPS is not available"
+    if problem is None:
+        return torch.device(requested)
+    if chosen_by is not None:
         raise ConfigError(
-            f"hardware.device={requested!r} but CUDA is not available on this machine: "
-            "allowed here: auto, cpu"
+            f"{chosen_by} (hardware.device={requested!r}) but {problem}: use hardware=auto "
+            "(the fastest device this machine has) or hardware=cpu instead."
         )
-    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
-        raise ConfigError(
-            f"hardware.device={requested!r} but this machine has {torch.cuda.device_count()} "
-            f"CUDA device(s): allowed cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
-        )
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("hardware.device='mps' but MPS is not available: allowed here: auto, cpu")
-    return torch.device(requested)
+    raise ConfigError(f"hardware.device={requested!r} but {problem}: allowed here: {allowed}")
 
 
 def use_device(device: torch.device, num_threads: int = 0) -> None:

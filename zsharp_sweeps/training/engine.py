@@ -26,6 +26,7 @@ from zsharp_sweeps.config import TrainConfig
 from zsharp_sweeps.training.build import AMP_DTYPES, build_step, to_memory_format
 from zsharp_sweeps.training.checkpoint import Checkpointer, TrainingState, restore
 from zsharp_sweeps.training.console import epoch_line, show_progress_bars
+from zsharp_sweeps.training.failures import TrainingFailed
 from zsharp_sweeps.training.schedule import build_scheduler
 from zsharp_sweeps.training.signals import check_stop
 
@@ -44,8 +45,29 @@ class FitResult:
     summary: dict[str, float] = field(default_factory=dict)
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (loss is nan/inf): a failed trial, not a crash of the sweep."""
+class NonFiniteLossError(TrainingFailed):
+    """Training diverged (loss is nan/inf): a failed trial, not a crash of the sweep; its
+    message says where and what to try (``diverged_message``)."""
+
+
+def diverged_message(cfg: TrainConfig, train_loss: float, epoch: int, first_step: int,
+                     steps: int, steps_per_epoch: int) -> str:
+    """One line: the loss, the epoch and step where it first was not finite, the settings
+    that drove it there and what to try."""
+    opt = cfg.optimizer
+    rho = getattr(opt, "rho", None)
+    settings = f"optimizer.lr={opt.lr:g}" + (f", optimizer.rho={rho:g}" if rho is not None else "")
+    tries = [f"a smaller optimizer.lr (e.g. optimizer.lr={opt.lr / 10:.3g})"]
+    if rho is not None:
+        tries.append("a smaller optimizer.rho")
+    if not cfg.trainer.warmup_epochs:
+        tries.append("trainer.warmup_epochs=5")
+    if cfg.trainer.grad_clip is None:
+        tries.append("trainer.grad_clip=1.0")
+    global_step = (epoch - 1) * steps_per_epoch + first_step
+    return (f"the run diverged: training loss {train_loss} at epoch {epoch} (first at step "
+            f"{first_step} of {steps}, global step {global_step}) with {settings}; try "
+            + ", ".join(tries[:-1]) + f" or {tries[-1]}")
 
 
 @torch.no_grad()
@@ -86,6 +108,7 @@ def fit(
     sharpness_fn: Callable[[nn.Module, int, bool], dict[str, float]] | None = None,
     checkpointer: Checkpointer | None = None,
     resume: Mapping[str, Any] | None = None,
+    log_prefix: str = "",
 ) -> FitResult:
     """Train ``model`` for ``cfg.trainer.epochs`` epochs on ``data`` (a DataBundle).
 
@@ -94,7 +117,8 @@ def fit(
     raise to stop training (e.g. ``optuna.TrialPruned``). ``checkpointer.save`` runs after
     them, so a checkpoint's epoch is one whose metrics were recorded. ``resume`` (a loaded
     checkpoint) restores model, optimizer, scheduler, scaler, history and RNGs and starts at
-    the epoch after it: callbacks see only the remaining epochs.
+    the epoch after it: callbacks see only the remaining epochs. ``log_prefix`` starts each
+    per-epoch log line (a sweep trial's ``[t7] ``).
     """
     tcfg, hw = cfg.trainer, cfg.hardware
     device = next(model.parameters()).device
@@ -131,6 +155,10 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        # Steps whose loss was not finite, counted on the device (no host sync per step): a
+        # diverged run stays so, so the first one was ``steps run - count + 1``.
+        nonfinite = torch.zeros((), device=device, dtype=torch.long)
+        steps_run = 0
         bar = tqdm(
             total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
             disable=not bars, dynamic_ncols=True,
@@ -141,8 +169,10 @@ def fit(
             check_stop()  # a sweep worker asked to stop: here, between steps, it is safe
             loss, logits = run_step(inputs, targets)
             loss_sum += loss.float() * targets.numel()
+            nonfinite += ~torch.isfinite(loss.detach())
             correct += (logits.argmax(dim=1) == targets).sum()
             seen += targets.numel()
+            steps_run += 1
             bar.update(1)
         bar.close()
         if device.type == "cuda":
@@ -159,12 +189,9 @@ def fit(
             "train_images_per_s": seen / max(train_time, 1e-9),
         }
         if not math.isfinite(train_loss):
+            first = max(1, steps_run - int(nonfinite.item()) + 1)
             raise NonFiniteLossError(
-                f"training loss is {train_loss} at epoch {epoch}: the run diverged "
-                f"(optimizer.lr={cfg.optimizer.lr}"
-                + (f", optimizer.rho={cfg.optimizer.rho})" if hasattr(cfg.optimizer, "rho")
-                   else ")")
-            )
+                diverged_message(cfg, train_loss, epoch, first, steps_run, steps))
         scheduler.step()
         if data.val is not None:
             metrics["val_loss"], metrics["val_acc"] = evaluate(
@@ -187,7 +214,7 @@ def fit(
             {k: f"{metrics[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in metrics}
         )
         if tcfg.progress and not bars:
-            log.info(epoch_line(epoch, tcfg.epochs, metrics))
+            log.info(log_prefix + epoch_line(epoch, tcfg.epochs, metrics))
         for callback in on_epoch_end:
             callback(epoch, metrics)
         if checkpointer is not None:

@@ -35,7 +35,12 @@ from zsharp_sweeps.training.checkpoint import (
 )
 from zsharp_sweeps.training.context import RunContext
 from zsharp_sweeps.training.curves import plot_curves
-from zsharp_sweeps.training.device import resolve_device, seed_everything, use_device
+from zsharp_sweeps.training.device import (
+    hardware_choice,
+    resolve_device,
+    seed_everything,
+    use_device,
+)
 from zsharp_sweeps.training.engine import fit
 from zsharp_sweeps.training.hardware import resolve_hardware
 from zsharp_sweeps.training.health import chance_band, learning_advice, learning_problem
@@ -93,7 +98,8 @@ def prepare(cfg: TrainConfig, context: RunContext) -> Prepared:
     CUDA-graph preconditions, the checkpoint to resume from, the dataset's files (downloaded
     if allowed). A bad value costs nothing and leaves nothing half-written."""
     check_config(cfg)
-    device = resolve_device(context.device or cfg.hardware.device)
+    device = resolve_device(context.device or cfg.hardware.device,
+                            None if context.device else hardware_choice(context.overrides))
     # hardware=auto -> concrete values for this device (logged; tags record why)
     cfg, hardware_tags = resolve_hardware(cfg, device)
     check_graphable(cfg.hardware, device)
@@ -231,6 +237,7 @@ def _run(prepared: Prepared, context: RunContext) -> dict[str, Any]:
                 sharpness_fn=sharpness_fn(cfg, data),
                 checkpointer=checkpointer,
                 resume=resume.payload if resume is not None else None,
+                log_prefix=context.log_prefix,
             )
         except BaseException as exc:  # a pruned trial is over: tidy as if it had finished
             if checkpointer is not None and getattr(exc, "run_state", None) == "PRUNED":
