@@ -252,3 +252,21 @@ def test_the_readme_quick_sweep_learns(
                  "resnet20")  # conf/config.yaml's default
     (trial,) = load_study(tmp_path, f"zsharp_rho_qp_lr-{model}-digits").trials
     assert trial.value > 0.5, trial
+
+
+def test_a_study_fingerprints_what_trials_compute_not_where_they_run() -> None:
+    from zsharp_sweeps.sweep.resume import differences, fixed_settings
+
+    cfg = _compose("config", ["data=digits"])
+    settings = fixed_settings(cfg, ["optimizer.lr", "+optimizer_shared.rho"])
+    assert settings["trainer.epochs"] == "200" and settings["data.name"] == "'digits'"
+    assert not [k for k in settings if k == "optimizer.lr" or k.startswith(
+        ("optimizer_shared.rho", "tracking.", "hardware.device", "data.root", "hydra"))]
+    # A group swept as a whole (optimizer=choice(sam, zsharp)) takes its subtree with it.
+    assert not [k for k in fixed_settings(cfg, ["optimizer"]) if k.startswith("optimizer.")]
+    moved = fixed_settings(_compose("config", ["data=digits", "hardware.device=cuda:3",
+                                               "data.root=/mnt/elsewhere"]), ["optimizer.lr"])
+    assert differences(settings, moved) == []
+    longer = fixed_settings(_compose("config", ["data=digits", "trainer.epochs=5"]),
+                            ["optimizer.lr"])
+    assert differences(settings, longer) == ["trainer.epochs: 200 -> 5"]

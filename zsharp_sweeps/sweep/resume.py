@@ -34,13 +34,15 @@ SETTINGS_ATTR = "zsharp:fixed_settings"
 SPACE_ATTR = "zsharp:search_space"
 
 #: Settings (dotted prefixes) that may differ between the runs of one study: where results
-#: go, where and how fast trials run, how chatty they are. Everything else changes what a
-#: trial computes. (``training.checkpoint.RESUME_MAY_DIFFER`` says the same for a resumed
-#: run; ``study.*`` is measured here: ``study.n_seeds`` changes the objective.)
+#: go, where the data lives (another host mounts it elsewhere), where and how fast trials
+#: run, how chatty they are. Everything else changes what a trial computes.
+#: (``training.checkpoint.RESUME_MAY_DIFFER`` says the same for a resumed run; ``study.*`` is
+#: measured here: ``study.n_seeds`` changes the objective.)
 MAY_DIFFER: tuple[str, ...] = (
     "trainer.checkpoint", "trainer.checkpoint_dir", "trainer.resume", "trainer.keep_checkpoints",
-    "trainer.progress", "tracking.", "hardware.device", "hardware.num_threads",
-    "hardware.trials_per_gpu", "hardware.warmup_steps", "hardware.compile_cache",
+    "trainer.progress", "tracking.", "data.root", "data.download", "data.num_workers",
+    "hardware.device", "hardware.num_threads", "hardware.trials_per_gpu",
+    "hardware.warmup_steps", "hardware.compile_cache",
 )
 
 
