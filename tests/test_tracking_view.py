@@ -63,6 +63,12 @@ def test_view_sorts_by_the_objective_and_shows_it_sharpness_and_the_swept_params
     # The page never takes expanded rows from a view; sorted by a metric it does not nest.
     assert "runsExpanded" not in state
     assert column("params", "optimizer.lr") == "params.`optimizer.lr`"
+    # Names and headers shown whole: MLflow applies a view's widths to the columns its
+    # order names, and the run-name column is ``attributes.`Run Name` ``.
+    assert state["columnOrder"] == ["attributes.`Run Name`", *state["selectedColumns"]]
+    assert set(state["columnWidths"]) == set(state["columnOrder"])
+    assert state["columnWidths"]["attributes.`Run Name`"] >= 300
+    assert state["columnWidths"]["params.`optimizer.percentile`"] > 100
 
     minimised = SweepView("p1", "final_val_loss", maximize=False, params=SWEPT).state()
     assert minimised["orderByKey"] == "metrics.`final_val_loss`"

@@ -44,6 +44,9 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 EXPERIMENTS_PAGE = "#/experiments?workflowType=machine_learning"
 #: The parent run's tag that names its view (the key of ``SHARED_VIEW_TAG_PREFIX``).
 VIEW_KEY_TAG = "mlflow_view"
+#: The run-name column and its width in a sweep's view (MLflow's default: 190 px).
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+RUN_NAME_WIDTH = 330
 #: The charts section of a sweep's view (its cards carry this id).
 CHART_SECTION = "zsharp-sweep"
 #: Metrics shown after the objective when the trials have them.
@@ -54,6 +57,13 @@ def column(kind: str, name: str) -> str:
     """A runs-table column as MLflow names it: ``column("metrics", "val_acc")`` is
     ``metrics.`val_acc```; ``kind`` is ``metrics``, ``params``, ``tags`` or ``attributes``."""
     return f"{kind}.`{name}`"
+
+
+def header_width(col: str) -> int:
+    """A column's width in pixels that shows its whole header (MLflow's: ~100 px, which
+    cuts ``final_test_acc`` and ``optimizer.percentile``)."""
+    name = col.split(".", 1)[1].strip("`")
+    return max(100, min(170, 24 + 7 * len(name)))
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,11 @@ class SweepView:
             "modelVersionFilter": "All Runs",
             "datasetsFilter": [],
             "selectedColumns": self.columns(),
+            # Widths apply to the columns named in the order (the page's restore rule):
+            # trial names carry their values, wider than MLflow's 190 px.
+            "columnOrder": [RUN_NAME_COLUMN, *self.columns()],
+            "columnWidths": {RUN_NAME_COLUMN: RUN_NAME_WIDTH,
+                             **{c: header_width(c) for c in self.columns()}},
             "runListHidden": False,
             "viewMaximized": False,
             # The charts tab: what a sweep asks (the objective per trial, the parameters
