@@ -37,6 +37,22 @@ def test_optuna_study_on_postgres_is_shared_by_two_storages(postgres_url: str) -
     assert seen.best_value == 0.75
 
 
+def test_a_server_database_is_probed_and_the_other_tools_is_refused(postgres_url: str) -> None:
+    """A reachable database passes both checks; once it holds a study, MLflow may not use it
+    (it would write its tables beside Optuna's), and the study is left as it was."""
+    from zsharp_sweeps.config import ConfigError
+    from zsharp_sweeps.sweep.storage import check_storage_url
+    from zsharp_sweeps.tracking import check_tracking_uri
+
+    check_tracking_uri(postgres_url, "tracking.uri")
+    check_storage_url(postgres_url)
+    optuna.create_study(study_name="s", storage=postgres_url)
+    check_storage_url(postgres_url)
+    with pytest.raises(ConfigError, match="the database is an Optuna study storage"):
+        check_tracking_uri(postgres_url, "tracking.uri")
+    assert optuna.get_all_study_names(storage=postgres_url) == ["s"]
+
+
 _DYING_WORKER = """
 import sys, time
 import optuna

@@ -82,7 +82,7 @@ def check_rdb_url(url: str, setting: str, allowed: str, *, thorough: bool = True
             check_sqlite_file(Path(database), setting, url, allowed, thorough=thorough,
                               owner=owner)
     else:
-        probe_database_server(url, setting, allowed)
+        probe_database_server(url, setting, allowed, owner=owner)
 
 
 #: Seconds to wait for a database server (PostgreSQL, MySQL, SQL Server) before refusing it.
@@ -97,13 +97,15 @@ _CONNECT_TIMEOUT_ARG = {"psycopg": "connect_timeout", "psycopg2": "connect_timeo
 
 
 def probe_database_server(url: str, setting: str, allowed: str,
-                          timeout_s: float = RDB_PROBE_TIMEOUT_S) -> None:
+                          timeout_s: float = RDB_PROBE_TIMEOUT_S, owner: str | None = None
+                          ) -> None:
     """Connect once to the database server of ``url`` (and disconnect), within ``timeout_s``
     seconds, before MLflow or Optuna touch it; refuse one that cannot be reached, refuses the
-    login or lacks the database. Reads and writes nothing."""
+    login or lacks the database. With ``owner``, also refuse a database that holds the other
+    tool's tables (``OWN_TABLES``). Reads the table names, writes nothing."""
     import threading
 
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, inspect
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
@@ -111,13 +113,15 @@ def probe_database_server(url: str, setting: str, allowed: str,
     arg = _CONNECT_TIMEOUT_ARG.get(parsed.get_driver_name())
     connect_args = {arg: max(1, round(timeout_s))} if arg else {}
     outcome: list[BaseException | None] = []
+    tables: set[str] = set()
 
     def connect() -> None:
         try:
             engine = create_engine(url, poolclass=NullPool, connect_args=connect_args)
             try:
-                with engine.connect():
-                    pass
+                with engine.connect() as connection:
+                    if owner is not None:
+                        tables.update(inspect(connection).get_table_names())
             finally:
                 engine.dispose()
             outcome.append(None)
@@ -129,6 +133,13 @@ def probe_database_server(url: str, setting: str, allowed: str,
     thread.start()
     thread.join(timeout_s + 1.0)
     if outcome and outcome[0] is None:
+        for other, (what, names) in OWN_TABLES.items():
+            if owner is not None and other != owner and names <= tables:
+                raise ConfigError(
+                    f"{setting}={_redact(url)!r} is unusable: the database is {what} (tables "
+                    f"{', '.join(sorted(names))}), not {OWN_TABLES[owner][0]}; it was left "
+                    f"untouched. Allowed: {allowed}."
+                )
         return
     if not outcome:
         reason = f"no answer within {timeout_s:g} s"
