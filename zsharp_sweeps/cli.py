@@ -31,6 +31,7 @@ from hydra.errors import CompactHydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from zsharp_sweeps.config import ConfigError
+from zsharp_sweeps.training.failures import OneLineFailure
 from zsharp_sweeps.training.signals import Stopped, exit_code
 
 #: Exit status for bad input (a setting, the tracking store, a dataset that cannot be had).
@@ -82,6 +83,9 @@ def edge() -> Iterator[None]:
               file=sys.stderr)
         sys.exit(code)
     except Exception as exc:
+        if isinstance(exc, OneLineFailure):  # a sweep whose trials failed too often
+            print(f"error: {one_line(str(exc))}", file=sys.stderr)
+            sys.exit(RUN_FAILED)
         if isinstance(exc, ValueError) and _raised_by_hydra(exc):  # its command-line parser
             print(f"error: {one_line(str(exc))}", file=sys.stderr)
             sys.exit(BAD_INPUT)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import io
 import logging
 import os
 import signal
@@ -611,8 +612,11 @@ class ZSharpOptunaSweeper(Sweeper):
         errors: list[BaseException] = []
         for ret in returns:
             if ret.status == JobStatus.FAILED:
+                # Hydra prints "Error executing job with overrides: [...]" (the same for
+                # every worker) before it raises: the error itself is reported below, once.
                 try:
-                    ret.return_value  # noqa: B018  (raises the job's exception)
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        ret.return_value  # noqa: B018  (raises the job's exception)
                 except BaseException as exc:  # noqa: BLE001  the job's, whatever it was
                     errors.append(exc)
         died = [e for e in errors if isinstance(e, WorkerDied)]

@@ -60,7 +60,7 @@ from zsharp_sweeps.sweep.sampling import TrialSeededSampler, override_value, sug
 from zsharp_sweeps.sweep.storage import open_storage
 from zsharp_sweeps.sweep.trial import TrialReporter
 from zsharp_sweeps.training.context import DataCache, RunContext, use_context
-from zsharp_sweeps.training.failures import TrainingFailed
+from zsharp_sweeps.training.failures import OneLineFailure, TrainingFailed
 from zsharp_sweeps.training.signals import check_stop, graceful_stop
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,9 @@ class SurplusTrial(RuntimeError):
     """Asked after the study was full (workers raced for the last place); never counted."""
 
 
-class MaxFailuresExceeded(RuntimeError):
-    """More trials failed than ``max_failure_rate`` allows over the whole study."""
+class MaxFailuresExceeded(OneLineFailure):
+    """More trials failed than ``max_failure_rate`` allows over the whole study: one line at
+    the command line, exit status 1."""
 
 
 class RejectedValue(ValueError):
@@ -258,7 +259,9 @@ class Worker:
                     raise MaxFailuresExceeded(
                         f"{state.counted_failures} of {state.finished} finished trials failed, "
                         f"more than hydra.sweeper.max_failure_rate={self.plan.max_failure_rate}"
-                        f" of n_trials={self.plan.n_trials} allows"
+                        f" of n_trials={self.plan.n_trials} allows (why each failed: the "
+                        "trial lines above, or its fail_reason: python -m zsharp_sweeps.report "
+                        f"{self.plan.sweep_dir})"
                     )
                 if not state.has_work(self.plan.n_trials):
                     time.sleep(IDLE_POLL_S)

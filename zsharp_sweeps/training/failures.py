@@ -11,8 +11,13 @@ tag either way. Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["TrainingFailed"]
+__all__ = ["OneLineFailure", "TrainingFailed"]
 
 
-class TrainingFailed(RuntimeError):
+class OneLineFailure(RuntimeError):
+    """A failure whose message is the whole story: the command line prints it as one line
+    (``error: ...``, exit status 1), never with a traceback."""
+
+
+class TrainingFailed(OneLineFailure):
     """The run failed for the reason ``str()`` says in one line (it diverged, ...)."""
