@@ -308,10 +308,16 @@ def test_a_stop_between_a_trials_ask_and_its_training_interrupts_it(tmp_path: Pa
             os.kill(os.getpid(), signal.SIGTERM)  # pending until the next check_stop()
             with pytest.raises(Terminated):
                 worker.study.optimize(worker.objective, n_trials=1, catch=(Exception,))
-    study = optuna.load_study(study_name="s", storage=storage)
-    (trial,) = study.trials
-    assert trial.state == TrialState.FAIL and trial.user_attrs[INTERRUPTED_ATTR] is True
-    assert progress(study).failed == 0 and progress(study).finished == 0
+        study = optuna.load_study(study_name="s", storage=storage)
+        (trial,) = study.trials
+        assert trial.state == TrialState.FAIL and trial.user_attrs[INTERRUPTED_ATTR] is True
+        assert trial.user_attrs["fail_reason"] == "interrupted (SIGTERM): retried"
+        assert progress(study).failed == 0 and progress(study).finished == 0
+        # Its retry copies its user attributes; the stale reason goes.
+        _retry(worker.study, trial, None)
+        worker.study.optimize(worker.objective, n_trials=1, catch=(Exception,))
+    retry = optuna.load_study(study_name="s", storage=storage).trials[1]
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["fail_reason"] is None
 
 
 @pytest.mark.slow

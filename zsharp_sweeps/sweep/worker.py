@@ -384,9 +384,8 @@ class Worker:
             # A stop that lands between the ask and the training (the signal is acted on
             # here) interrupts this trial too: it must be retried, not counted as failed.
             check_stop()
-        except KeyboardInterrupt:
-            with contextlib.suppress(Exception):
-                trial.set_user_attr(INTERRUPTED_ATTR, True)
+        except KeyboardInterrupt as exc:
+            self._interrupted(trial, exc)
             raise
         if is_surplus(self.study, trial.number, self.plan.n_trials):
             trial.set_user_attr(SURPLUS_ATTR, True)
@@ -398,13 +397,12 @@ class Worker:
                                        "compute_device": self.compute_device,
                                        "gpu": self.gpu, "warmup_s": self.warmup_s})
         trial.set_user_attr(INTERRUPTED_ATTR, False)  # a retry copies its original's attrs
+        if FAIL_REASON_ATTR in trial.user_attrs:  # ... its reason too, stale for the retry
+            trial.set_user_attr(FAIL_REASON_ATTR, None)
         try:
             return self._run(trial, started)
         except KeyboardInterrupt as exc:
-            with contextlib.suppress(Exception):
-                trial.set_user_attr(INTERRUPTED_ATTR, True)
-                name = signal.Signals(int(getattr(exc, "signum", signal.SIGINT))).name
-                trial.set_user_attr(FAIL_REASON_ATTR, f"interrupted ({name}): retried")
+            self._interrupted(trial, exc)
             raise
         except Exception as exc:
             # Optuna records it FAIL; dashboards and the report show this line.
@@ -414,6 +412,14 @@ class Worker:
             if not isinstance(exc, EXPLAINED_FAILURES):  # a bug: its traceback is needed
                 log.error(f"trial {trial.number} failed: {reason}", exc_info=exc)
             raise
+
+    @staticmethod
+    def _interrupted(trial: optuna.Trial, exc: KeyboardInterrupt) -> None:
+        """Mark a trial stopped by a signal: it does not count, its retry does."""
+        with contextlib.suppress(Exception):
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            name = signal.Signals(int(getattr(exc, "signum", signal.SIGINT))).name
+            trial.set_user_attr(FAIL_REASON_ATTR, f"interrupted ({name}): retried")
 
     def _requeue_if_retry(self, trial: optuna.Trial) -> None:
         """A surplus ask may have popped an enqueued retry: put its parameters back."""
