@@ -148,12 +148,8 @@ def test_pinned_keys_recipe_warnings_resume_progress_and_changed_settings(
     ran = (tmp_path / "multirun" / TINY_STUDY / "0" / ".hydra" / "overrides.yaml").read_text()
     assert "optimizer.lr=0.05" in ran
 
-    # The same command resumed says how far the study is.
-    out = sweep_in_process([*TINY_SWEEP, "hydra.sweeper.n_trials=2", *same], tmp_path,
-                           monkeypatch, capsys)
-    assert "2 trials (1 done, 1 to go), 1 worker(s)" in out
-
-    # Another fixed setting, or another space: refused in one line before any trial.
+    # Resumed with another fixed setting, or another space: refused in one line before any
+    # trial.
     refusals = [
         (["trainer.epochs=2", *same], ["trainer.epochs: 1 -> 2", "allow_changed_settings=true",
                                        f"hydra.sweeper.study_name={TINY_STUDY}-2"]),
@@ -169,13 +165,15 @@ def test_pinned_keys_recipe_warnings_resume_progress_and_changed_settings(
         assert code == 2, stderr[-3000:]
         line = _one_line(stderr)
         assert all(n in line for n in named), line
-    assert len(load_study(tmp_path, TINY_STUDY).trials) == 2
+    assert len(load_study(tmp_path, TINY_STUDY).trials) == 1
 
-    # Accepted deliberately: the sweep goes on (here: nothing left to run) and says so.
+    # Accepted deliberately: the resumed sweep says so, and how far the study is.
     out = sweep_in_process([*TINY_SWEEP, "hydra.sweeper.n_trials=2", "trainer.epochs=2", *same,
                             "hydra.sweeper.allow_changed_settings=true"],
                            tmp_path, monkeypatch, capsys)
+    assert "2 trials (1 done, 1 to go), 1 worker(s)" in out
     assert "resumed with changed settings" in out and "trainer.epochs: 1 -> 2" in out
+    assert len(load_study(tmp_path, TINY_STUDY).trials) == 2
 
 
 # ---- 2. a sweep that did not learn says so, with advice that fits what ran -----------------
