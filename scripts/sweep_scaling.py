@@ -331,6 +331,8 @@ def main() -> int:
                         help="stop the baseline sweep after this many s (a lower bound)")
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="checkout of the batch-synchronous sweeper to compare against")
+    parser.add_argument("--warmup-variants", default="",
+                        help="warmup mode: only these (graph, compile), comma-separated")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides")
@@ -400,6 +402,9 @@ def main() -> int:
             ("compile, warm-up", compile_on, "compile-on", REPO),
             ("compile, warm-up, again", compile_on, "compile-on", REPO),
         ]
+        if args.warmup_variants:
+            wanted = set(args.warmup_variants.split(","))
+            variants = [v for v in variants if v[2].split("-")[0] in wanted]
         for name, extra, cache, tree in variants:
             folder = args.out / "warmup" / name.replace(", ", "_").replace(" ", "-")
             rows[name] = sweep(folder, args.gpus, n, args, extra=extra, tree=tree,
