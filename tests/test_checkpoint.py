@@ -33,7 +33,7 @@ from zsharp_sweeps.training.checkpoint import (
 )
 from zsharp_sweeps.training.device import seed_everything
 from zsharp_sweeps.training.engine import fit
-from zsharp_sweeps.training.run import sharpness_fn, run_training
+from zsharp_sweeps.training.run import run_training, sharpness_fn
 from zsharp_sweeps.training.schedule import build_scheduler
 
 from .conftest import REPO
