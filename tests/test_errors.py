@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from zsharp_sweeps import train
@@ -432,6 +433,12 @@ GRID_SWEEP = ["--multirun", "+sweep=percentile_grid", "data=digits", "hardware=c
      "error: hydra.sweeper.max_failure_rate=-1.0 is invalid: allowed a fraction in [0, 1]"),
     ("hydra.sweeper.study_name=../../x",
      "error: hydra.sweeper.study_name='../../x' is invalid: it names the sweep's folder"),
+    # Used to create the study and fail every trial on a machine without CUDA, exit 0.
+    ("hardware=gpu_fast", "error: hardware=gpu_fast (hardware.device='cuda') but CUDA is not "
+                          "available on this machine: use hardware=auto"),
+    ("hydra.sweeper.devices=[cuda:0,cuda:1]",
+     "error: hydra.sweeper.devices=['cuda:0', 'cuda:1']: hardware.device='cuda:0' but CUDA is "
+     "not available on this machine: allowed here: auto, cpu"),
 ])
 def test_a_sweeper_setting_out_of_range_is_one_line_and_creates_nothing(
     setting: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -439,6 +446,7 @@ def test_a_sweeper_setting_out_of_range_is_one_line_and_creates_nothing(
 ) -> None:
     """n_trials=0 used to exit 0 with an empty study, n_jobs=0 to start one worker,
     study_name=../../x to put the sweep's folder two levels above multirun/."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine
     cwd = tmp_path / "a" / "b"
     cwd.mkdir(parents=True)
     code, stderr = run_main([*GRID_SWEEP, setting], cwd, monkeypatch, capsys)

@@ -279,6 +279,23 @@ class ZSharpOptunaSweeper(Sweeper):
                     f"{exc}" + (f" (with the swept values {swept})" if swept else "")
                 ) from None
 
+    def _check_devices(self, arguments: list[str]) -> None:
+        """The devices the workers will be pinned to exist on this host: ``hardware=gpu_fast``
+        on a machine without CUDA is one line naming it, before the study exists (it used to
+        create the study and fail every trial, exit 0)."""
+        from zsharp_sweeps.training.device import hardware_choice, resolve_device
+
+        hardware = self.app.hardware
+        if self.devices:
+            for device in self.devices:
+                if device.split(":")[0] in ("cuda", "mps"):
+                    try:
+                        resolve_device(device)
+                    except ConfigError as exc:
+                        raise ConfigError(f"hydra.sweeper.devices={self.devices}: {exc}") from None
+        elif hardware is not None and hardware.device != "auto":
+            resolve_device(hardware.device, chosen_by=hardware_choice(arguments))
+
     def _warn_recipe_conflicts(self, space: SearchSpace) -> None:
         """A warning for each swept number whose range excludes the value the composed config
         (the model's recipe: ``model=vit`` brings Adam at lr 1e-3) gives it: an SGD lr range
@@ -508,6 +525,7 @@ class ZSharpOptunaSweeper(Sweeper):
         storage = self._storage_url()
         self._check_urls(storage)
         self._check_configs(space)
+        self._check_devices(arguments)
         self._warn_recipe_conflicts(space)
         # The launcher's worker processes start now (zsharp_workers: imports take seconds),
         # while the study and the MLflow parent run are set up; they get the plans at launch.
