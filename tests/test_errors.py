@@ -21,28 +21,17 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from zsharp_sweeps import train
 from zsharp_sweeps.config import ConfigError
 from zsharp_sweeps.data import sources
 from zsharp_sweeps.sweep.storage import check_storage_url
 from zsharp_sweeps.tracking import HTTP_PROBE_TIMEOUT_S
 
+from .cli_helpers import run_main
 from .conftest import REPO
 from .data_fixtures import _idx_bytes, write_mnist
 
 SMALL_RUN = ["data=digits", "model=mlp", "model.params.hidden=16", "hardware=cpu",
              "trainer.epochs=1", "trainer.progress=false", "sharpness=none"]
-
-
-def run_main(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Run the entry point in-process in ``cwd``; its exit status and its stderr."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["zsharp_sweeps.train", *argv])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        train.main()
-    return info.value.code, capsys.readouterr().err
 
 
 def _one_line(stderr: str) -> str:

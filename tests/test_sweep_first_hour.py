@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from zsharp_sweeps import train
 from zsharp_sweeps.sweep.sampling import parse_search_space
 
+from .cli_helpers import run_main
 from .sweep_helpers import REPO, load_study
 
 SMALL_RUN = ["data=digits", "model=mlp", "model.params.hidden=16", "hardware=cpu",
@@ -28,17 +29,6 @@ TINY_SWEEP = ("--multirun", "+sweep=zsharp_rho_qp_lr", *SMALL_RUN, "tracking=off
               "hydra.sweeper.report=false",
               "hydra.sweeper.sampler.n_startup_trials=1")
 TINY_STUDY = "zsharp_rho_qp_lr-mlp-digits"
-
-
-def run_main(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    """Run the entry point in-process in ``cwd``; its exit status and its stderr."""
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["zsharp_sweeps.train", *argv])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        train.main()
-    return info.value.code, capsys.readouterr().err
 
 
 def sweep_in_process(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch,
