@@ -155,9 +155,9 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        # Steps whose loss was not finite, counted on the device (no host sync per step): a
-        # diverged run stays so, so the first one was ``steps run - count + 1``.
-        nonfinite = torch.zeros((), device=device, dtype=torch.long)
+        # Each step's loss stays on the device (one copy per step, no host sync): where a
+        # diverged run first went non-finite is read from it only when it did.
+        step_losses = torch.empty(steps, device=device)
         steps_run = 0
         bar = tqdm(
             total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
@@ -169,7 +169,7 @@ def fit(
             check_stop()  # a sweep worker asked to stop: here, between steps, it is safe
             loss, logits = run_step(inputs, targets)
             loss_sum += loss.float() * targets.numel()
-            nonfinite += ~torch.isfinite(loss.detach())
+            step_losses[step] = loss.detach()
             correct += (logits.argmax(dim=1) == targets).sum()
             seen += targets.numel()
             steps_run += 1
@@ -189,7 +189,8 @@ def fit(
             "train_images_per_s": seen / max(train_time, 1e-9),
         }
         if not math.isfinite(train_loss):
-            first = max(1, steps_run - int(nonfinite.item()) + 1)
+            bad = torch.nonzero(~torch.isfinite(step_losses[:steps_run]))
+            first = int(bad[0, 0]) + 1 if len(bad) else 1
             raise NonFiniteLossError(
                 diverged_message(cfg, train_loss, epoch, first, steps_run, steps))
         scheduler.step()
