@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zsharp_sweeps.optim import ZSharp, fused
+from zsharp_sweeps.optim import fused
 from zsharp_sweeps.optim.threshold import SegmentLayout, TensorStats, abs_zscores
+
+from .multitensor_checks import zsharp_perturbations
 
 
 def _grads(seed: int = 0, with_nan: bool = True) -> list[torch.Tensor]:
@@ -33,23 +35,10 @@ def abs_z_is_bit_identical(chunk: int) -> None:
     assert torch.equal(got_nan, want_nan)
 
 
-def _perturbations(kernels: str, grads: list[torch.Tensor], rhos: tuple[float, float]) -> list[torch.Tensor]:
-    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
-    half = len(params) // 2
-    groups = [{"params": params[:half], "rho": rhos[0]}, {"params": params[half:], "rho": rhos[1]}]
-    bias = torch.nn.Parameter(torch.zeros(4))
-    groups[0]["params"].append(bias)
-    opt = ZSharp(groups, torch.optim.SGD, lr=0.1, percentile=0.9, kernels=kernels)
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g.clone()
-    bias.grad = torch.tensor([1.0, -2.0, 3.0, 0.5])
-    return [e.clone() for e in opt._perturbation(opt._with_grads())]
-
-
 def perturbation_keeps_the_same_entries(rhos: tuple[float, float]) -> None:
     grads = _grads(1, with_nan=False)
-    want = _perturbations("torch", grads, rhos)
-    got = _perturbations("triton", grads, rhos)
+    want = zsharp_perturbations("torch", grads, rhos)
+    got = zsharp_perturbations("triton", grads, rhos)
     assert len(got) == len(want) == len(grads) + 1
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a != 0, b != 0)  # the kept set (and the SAM fallbacks) agree exactly
@@ -63,8 +52,8 @@ def perturbation_keeps_the_same_entries(rhos: tuple[float, float]) -> None:
 
 def perturbation_with_a_nan_gradient_matches() -> None:
     grads = _grads(2)  # the NaN makes G NaN: every SAM-scaled e is NaN, as in the official code
-    want = _perturbations("torch", grads, (0.05, 0.05))
-    got = _perturbations("triton", grads, (0.05, 0.05))
+    want = zsharp_perturbations("torch", grads, (0.05, 0.05))
+    got = zsharp_perturbations("triton", grads, (0.05, 0.05))
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a.isnan(), b.isnan())
         torch.testing.assert_close(a, b, rtol=2e-6, atol=0, equal_nan=True)

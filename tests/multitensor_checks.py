@@ -106,8 +106,10 @@ def _named_grads(seed: int, nan: bool) -> list[torch.Tensor]:
     return grads
 
 
-def _perturbations(kernels: str, grads: list[torch.Tensor], rhos: tuple[float, float],
-                   channels_last: bool) -> list[torch.Tensor]:
+def zsharp_perturbations(kernels: str, grads: list[torch.Tensor], rhos: tuple[float, float],
+                         channels_last: bool = False) -> list[torch.Tensor]:
+    """ZSharp's ascent directions ``e`` for ``grads`` (two param groups at ``rhos`` and a
+    bias) with ``optimizer.kernels=kernels``: what every kernel path is compared by."""
     params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
     if channels_last:
         params = [torch.nn.Parameter(p.detach().contiguous(memory_format=torch.channels_last))
@@ -131,8 +133,8 @@ def _perturbations(kernels: str, grads: list[torch.Tensor], rhos: tuple[float, f
 def optimizer_matches_the_torch_path(rhos: tuple[float, float], channels_last: bool,
                                      nan: bool) -> None:
     grads = _named_grads(3, nan)
-    want = _perturbations("torch", grads, rhos, channels_last)
-    got = _perturbations("fused", grads, rhos, channels_last)
+    want = zsharp_perturbations("torch", grads, rhos, channels_last)
+    got = zsharp_perturbations("fused", grads, rhos, channels_last)
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a.isnan(), b.isnan())
         assert torch.equal(a != 0, b != 0)  # kept sets and SAM fallbacks agree entry for entry

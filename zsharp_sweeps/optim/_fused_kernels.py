@@ -26,11 +26,18 @@ def abs_z_kernel(
     denom = tl.load(denom_ptr + seg)
     for start in tl.static_range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + row * CHUNK + offs)
-        z = tl.abs(tl.div_rn(g - mean, denom))
-        bits = z.to(tl.int32, bitcast=True)
-        bits = tl.where(offs < valid, bits, 0x7FFFFFFF)  # padding: the integer maximum
+        bits = _abs_z_bits(g_ptr, row, offs, valid, mean, denom, CHUNK)
         tl.store(out_ptr + row * CHUNK + offs, bits)
+
+
+@triton.jit
+def _abs_z_bits(g_ptr, row, offs, valid, mean, denom, CHUNK: tl.constexpr):
+    """A block of ``|z|`` as int32 bits (the order of non-negative floats), padding as the
+    integer maximum: what both the Triton and the fused (multi-tensor) paths select from."""
+    g = tl.load(g_ptr + row * CHUNK + offs)
+    z = tl.abs(tl.div_rn(g - mean, denom))
+    bits = z.to(tl.int32, bitcast=True)
+    return tl.where(offs < valid, bits, 0x7FFFFFFF)
 
 
 @triton.jit
@@ -140,10 +147,7 @@ def absz_select0_kernel(g_ptr, z_ptr, seg_ptr, valid_ptr, mean_ptr, std_ptr, his
     hist = tl.zeros([NBINS], dtype=tl.int32)
     for start in tl.static_range(0, CHUNK, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + row * CHUNK + offs)
-        z = tl.abs(tl.div_rn(g - mean, denom))
-        bits = z.to(tl.int32, bitcast=True)
-        bits = tl.where(offs < valid, bits, 0x7FFFFFFF)  # padding: the integer maximum
+        bits = _abs_z_bits(g_ptr, row, offs, valid, mean, denom, CHUNK)
         tl.store(z_ptr + row * CHUNK + offs, bits)
         hist += _chunk_histogram(bits, offs < valid, 0, 31, SHIFT, NBINS)
     tl.atomic_add(hist_ptr + seg * NBINS + tl.arange(0, NBINS), hist, mask=hist != 0)
