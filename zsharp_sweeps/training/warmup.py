@@ -111,12 +111,17 @@ def _compile_turn(cfg: TrainConfig) -> Iterator[float]:
         return
     start = time.perf_counter()
     lock = FileLock(str(Path(cache) / f"warmup-{key}.lock"))
-    with lock:
-        waited = time.perf_counter() - start
-        if done.exists():  # compiled by the worker we waited for: load side by side
-            lock.release()
+    lock.acquire()
+    waited = time.perf_counter() - start
+    if done.exists():  # compiled by the worker we waited for: load side by side
+        lock.release()
+        yield waited
+        return
+    try:
         yield waited
         done.touch()
+    finally:
+        lock.release()
 
 
 def warm_up(cfg: DictConfig | TrainConfig, context: RunContext) -> WarmupResult:
@@ -159,5 +164,4 @@ def warm_up(cfg: DictConfig | TrainConfig, context: RunContext) -> WarmupResult:
             measure(model, 1, False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        del run_step, model, optimizer
     return WarmupResult(taken, time.perf_counter() - started, mode, waited)
