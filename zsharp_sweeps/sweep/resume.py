@@ -28,6 +28,8 @@ from optuna.distributions import (
     distribution_to_json,
 )
 
+from zsharp_sweeps.config import flatten
+
 #: Study user attributes: the fixed settings (flattened, ``key: value`` as strings) and the
 #: search space (``name: distribution JSON``) the study's trials run with.
 SETTINGS_ATTR = "zsharp:fixed_settings"
@@ -44,15 +46,6 @@ MAY_DIFFER: tuple[str, ...] = (
     "hardware.device", "hardware.num_threads", "hardware.trials_per_gpu",
     "hardware.warmup_steps", "hardware.compile_cache",
 )
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(tree, Mapping):
-        out: dict[str, str] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: repr(tree)}
 
 
 def _resolved(node: Any) -> Any:
@@ -81,7 +74,7 @@ def fixed_settings(config: DictConfig, swept: Iterable[str]) -> dict[str, str]:
     swept = [name.lstrip("+~") for name in swept]
     plain = {k: _resolved(config.get(k)) if OmegaConf.is_config(config.get(k)) else config.get(k)
              for k in config if k != "hydra"}
-    return {k: v for k, v in sorted(_flatten(plain).items()) if not _may_differ(k, swept)}
+    return {k: repr(v) for k, v in sorted(flatten(plain).items()) if not _may_differ(k, swept)}
 
 
 def space_settings(space: Mapping[str, BaseDistribution]) -> dict[str, str]:
