@@ -332,7 +332,8 @@ def main() -> int:
     parser.add_argument("--baseline-tree", type=Path, default=None,
                         help="checkout of the batch-synchronous sweeper to compare against")
     parser.add_argument("--warmup-variants", default="",
-                        help="warmup mode: only these (graph, compile), comma-separated")
+                        help="warmup mode: only these (graph, compile; or graph-on, compile-on "
+                             "for the warm-up rows alone), comma-separated")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides")
@@ -404,7 +405,7 @@ def main() -> int:
         ]
         if args.warmup_variants:
             wanted = set(args.warmup_variants.split(","))
-            variants = [v for v in variants if v[2].split("-")[0] in wanted]
+            variants = [v for v in variants if v[2] in wanted or v[2].split("-")[0] in wanted]
         for name, extra, cache, tree in variants:
             folder = args.out / "warmup" / name.replace(", ", "_").replace(" ", "-")
             rows[name] = sweep(folder, args.gpus, n, args, extra=extra, tree=tree,

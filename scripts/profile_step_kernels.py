@@ -1,0 +1,159 @@
+"""Where a ZSharp training step's extra GPU time over SAM's goes, kernel by kernel.
+
+Why: on ViT in a CUDA graph ZSharp cost 5-6 % more per step than SAM (issue 23), about
+0.6 ms, while its filter moves only ~0.1 ms worth of memory. Guessing which kernels (or
+which gaps between them) make the difference wastes GPU time, so this script measures it:
+for each variant it builds the trainer's own step (``zsharp_sweeps.bench``), replays it
+(captured in a CUDA graph when the mode says so) under ``torch.profiler`` and reads the
+kernel timeline from the Chrome trace:
+
+- ``wall``: ms per step without the profiler (what the benchmark measures);
+- ``kernels``: the summed GPU time of all kernels per step (all streams);
+- ``busy``: the union of the kernel intervals per step: ``wall - busy`` is time the GPU sat
+  idle (launch gaps, waits between streams);
+- then, per kernel name, ms and launches per step, and the difference against SAM.
+
+    python scripts/profile_step_kernels.py --model vit --mode bf16+cl+graph \\
+        --variants sam,zsharp,zsharp:stats_streams=0,zsharp:early=off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from zsharp_sweeps.bench import BenchSettings, _setup, parse_mode
+from zsharp_sweeps.training.build import build_step
+
+
+def _runner(s: BenchSettings, variant: str):
+    """The trainer's step for ``variant`` (``name[:attr=value,...]``; ``early=off`` stops the
+    gradient hooks from starting ZSharp's statistics), and a function running n steps."""
+    name, _, opts = variant.partition(":")
+    cfg, data, model, optimizer = _setup(s, name)
+    for item in filter(None, opts.split(",")):
+        key, value = item.split("=")
+        if key == "early":
+            if value == "off":
+                optimizer._stats_armed = lambda device: False
+        else:
+            setattr(optimizer, key, type(getattr(optimizer, key))(value))
+    step = build_step(cfg, model, optimizer)
+
+    def batches():
+        while True:
+            yield from data.train
+
+    stream = batches()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            step(*next(stream))
+
+    return run
+
+
+def _short(name: str) -> str:
+    """A kernel name without templates and arguments, at most 70 characters."""
+    name = re.sub(r"<.*>", "<>", name)
+    name = re.sub(r"\(.*\)", "", name)
+    return name[:70]
+
+
+def _union_ms(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, -1.0
+    for start, stop in sorted(intervals):
+        if start > end:
+            total += stop - start
+            end = stop
+        elif stop > end:
+            total += stop - end
+            end = stop
+    return total / 1000.0  # trace times are microseconds
+
+
+def measure(s: BenchSettings, variant: str, steps: int, profiled: int) -> dict[str, Any]:
+    run = _runner(s, variant)
+    run(8)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run(steps)
+    torch.cuda.synchronize()
+    wall = 1000 * (time.perf_counter() - start) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(profiled)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            trace = json.load(handle)
+    kernels = [e for e in trace.get("traceEvents", [])
+               if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    per_name: dict[str, list[float]] = defaultdict(list)
+    for e in kernels:
+        per_name[_short(e["name"])].append(e["dur"])
+    return {
+        "variant": variant,
+        "wall": wall,
+        "kernels": sum(e["dur"] for e in kernels) / 1000.0 / profiled,
+        "busy": _union_ms([(e["ts"], e["ts"] + e["dur"]) for e in kernels]) / profiled,
+        "span": ((max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels))
+                 / 1000.0 / profiled) if kernels else float("nan"),
+        "by_name": {k: (sum(v) / 1000.0 / profiled, len(v) / profiled)
+                    for k, v in per_name.items()},
+    }
+
+
+def report(rows: list[dict[str, Any]], top: int) -> None:
+    print(f"{'variant':<40} {'wall ms':>8} {'kernels':>8} {'busy':>8} {'span':>8}")
+    for r in rows:
+        print(f"{r['variant']:<40} {r['wall']:8.3f} {r['kernels']:8.3f} {r['busy']:8.3f} "
+              f"{r['span']:8.3f}")
+    base = rows[0]
+    for r in rows[1:]:
+        names = set(r["by_name"]) | set(base["by_name"])
+        diff = []
+        for n in names:
+            ms, count = r["by_name"].get(n, (0.0, 0.0))
+            ms0, count0 = base["by_name"].get(n, (0.0, 0.0))
+            diff.append((ms - ms0, ms, count, ms0, count0, n))
+        diff.sort(key=lambda d: -abs(d[0]))
+        print(f"\n-- {r['variant']} minus {base['variant']}: "
+              f"wall {r['wall'] - base['wall']:+.3f} ms, kernels {r['kernels'] - base['kernels']:+.3f}, "
+              f"busy {r['busy'] - base['busy']:+.3f}")
+        print(f"{'delta ms':>9} {'ms':>8} {'n/step':>7} {'base ms':>8} {'n':>5}  kernel")
+        for d, ms, count, ms0, count0, n in diff[:top]:
+            print(f"{d:+9.4f} {ms:8.4f} {count:7.1f} {ms0:8.4f} {count0:5.1f}  {n}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit")
+    parser.add_argument("--mode", default="bf16+cl+graph")
+    parser.add_argument("--variants", default="sam,zsharp")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--profiled", type=int, default=20)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    s = BenchSettings(device="cuda", model=args.model, batch_size=args.batch_size, steps=1,
+                      warmup=0)
+    s = replace(s, **parse_mode(args.mode, "cuda", args.steps))
+    print(f"== {args.model}, {args.mode}, batch {args.batch_size}, {torch.cuda.get_device_name()}")
+    rows = [measure(s, v, args.steps, args.profiled) for v in args.variants.split(",")]
+    report(rows, args.top)
+
+
+if __name__ == "__main__":
+    main()
