@@ -435,7 +435,7 @@ def test_a_sweeper_setting_out_of_range_is_one_line_and_creates_nothing(
 ) -> None:
     """n_trials=0 used to exit 0 with an empty study, n_jobs=0 to start one worker,
     study_name=../../x to put the sweep's folder two levels above multirun/."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on this CPU machine
     cwd = tmp_path / "a" / "b"
     cwd.mkdir(parents=True)
     code, stderr = run_main([*GRID_SWEEP, setting], cwd, monkeypatch, capsys)

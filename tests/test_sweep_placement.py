@@ -109,3 +109,29 @@ def test_cpu_workers_split_the_cores(host_workers: int) -> None:
         assert cores == len(os.sched_getaffinity(0))
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_sweeps_device_checks_never_start_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's process checks ``hardware=cuda`` and lists the GPUs before it forks its
+    workers. It used to ask ``torch.cuda.is_available()``, whose ``cudaGetDeviceCount``
+    starts the CUDA driver: every forked worker then failed with "Cannot re-initialize CUDA
+    in forked subprocess" (seen on an H100 with ``hardware=cuda``). NVML is asked instead."""
+    from hydra_plugins.zsharp_optuna_sweeper.sweeper import ZSharpOptunaSweeper
+    from zsharp_sweeps.config import ConfigError
+    from zsharp_sweeps.training.device import resolve_device
+
+    def runtime() -> int:
+        raise AssertionError("the CUDA runtime was asked in the sweep's process")
+
+    monkeypatch.setattr(torch._C, "_cuda_getDeviceCount", runtime)
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\): allowed here: cuda:0 \.\. cuda:1"):
+        resolve_device("cuda:2")
+    sweeper = SimpleNamespace(devices=None, app=SimpleNamespace(
+        hardware=SimpleNamespace(device="cuda")))
+    assert ZSharpOptunaSweeper._devices(sweeper) == ["cuda:0", "cuda:1"]
+    assert not torch.cuda.is_initialized()

@@ -395,8 +395,11 @@ class ZSharpOptunaSweeper(Sweeper):
         if hardware.device in ("auto", "cuda"):
             import torch
 
-            if torch.cuda.is_available():
-                return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+            # device_count asks NVML: the workers may still be forked after this
+            # (zsharp_sweeps.training.device.cuda_available says why is_available is not used)
+            count = torch.cuda.device_count()
+            if count:
+                return [f"cuda:{i}" for i in range(count)]
         return [hardware.device]
 
     # ----- mlflow ------------------------------------------------------------------------

@@ -25,6 +25,19 @@ def hardware_choice(overrides: Sequence[str]) -> str | None:
     return chosen
 
 
+def cuda_available() -> bool:
+    """Whether this machine has a CUDA device, asked without starting CUDA where NVML answers.
+
+    Why not ``torch.cuda.is_available()``: it calls ``cudaGetDeviceCount``, which starts the
+    CUDA driver in the asking process and marks it unsafe to fork. A sweep's process that
+    asked it (checking ``hardware=cuda`` before the study exists) then forked workers that
+    could not use CUDA at all ("Cannot re-initialize CUDA in forked subprocess"): every GPU
+    sweep with ``hardware=cuda`` or ``gpu_fast`` failed so. ``torch.cuda.device_count()``
+    asks NVML first and falls back to the runtime only where NVML has no answer.
+    """
+    return torch.cuda.device_count() > 0
+
+
 def resolve_device(requested: str, chosen_by: str | None = None) -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; an explicit device that is missing is an error.
 
@@ -33,13 +46,13 @@ def resolve_device(requested: str, chosen_by: str | None = None) -> torch.device
     whose ``hardware.device`` is ``cuda``): the error names it, and what to use instead.
     """
     if requested == "auto":
-        if torch.cuda.is_available():
+        if cuda_available():
             return torch.device("cuda")
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     problem, allowed = None, "auto, cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
+    if requested.startswith("cuda") and not cuda_available():
         problem = "CUDA is not available on this machine"
     elif requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
         count = torch.cuda.device_count()
