@@ -14,12 +14,13 @@ kernel timeline from the Chrome trace:
 - then, per kernel name, ms and launches per step, and the difference against SAM.
 
     python scripts/profile_step_kernels.py --model vit --mode bf16+cl+graph \\
-        --variants sam,zsharp,zsharp:stats_streams=0,zsharp:early=off
+        --variants "sam;zsharp;zsharp:stats_streams=0;zsharp:early=off,priority=-1"
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -37,7 +38,8 @@ from zsharp_sweeps.training.build import build_step
 
 def _runner(s: BenchSettings, variant: str):
     """The trainer's step for ``variant`` (``name[:attr=value,...]``; ``early=off`` stops the
-    gradient hooks from starting ZSharp's statistics), and a function running n steps."""
+    gradient hooks from starting ZSharp's statistics, ``priority=-1`` puts them on
+    high-priority streams; any other key sets that optimizer attribute), and a function running n steps."""
     name, _, opts = variant.partition(":")
     cfg, data, model, optimizer = _setup(s, name)
     for item in filter(None, opts.split(",")):
@@ -45,6 +47,10 @@ def _runner(s: BenchSettings, variant: str):
         if key == "early":
             if value == "off":
                 optimizer._stats_armed = lambda device: False
+        elif key == "priority":  # ZSharp's statistics streams at this CUDA stream priority
+            device = torch.device("cuda", torch.cuda.current_device())
+            optimizer._streams[device] = [torch.cuda.Stream(device, priority=int(value))
+                                          for _ in range(optimizer.stats_streams)]
         else:
             setattr(optimizer, key, type(getattr(optimizer, key))(value))
     step = build_step(cfg, model, optimizer)
@@ -81,7 +87,8 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1000.0  # trace times are microseconds
 
 
-def measure(s: BenchSettings, variant: str, steps: int, profiled: int) -> dict[str, Any]:
+def measure(s: BenchSettings, variant: str, steps: int, profiled: int,
+            trace_dir: str | None = None) -> dict[str, Any]:
     run = _runner(s, variant)
     run(8)
     torch.cuda.synchronize()
@@ -97,6 +104,12 @@ def measure(s: BenchSettings, variant: str, steps: int, profiled: int) -> dict[s
         prof.export_chrome_trace(path)
         with open(path) as handle:
             trace = json.load(handle)
+    if trace_dir:
+        os.makedirs(trace_dir, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", variant)
+        with gzip.open(os.path.join(trace_dir, f"{name}.json.gz"), "wt") as handle:
+            json.dump({"traceEvents": [e for e in trace.get("traceEvents", [])
+                                       if e.get("ph") == "X"]}, handle)
     kernels = [e for e in trace.get("traceEvents", [])
                if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
     per_name: dict[str, list[float]] = defaultdict(list)
@@ -145,13 +158,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--profiled", type=int, default=20)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace-dir", default=None,
+                        help="also write each variant's Chrome trace here (gzipped)")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     s = BenchSettings(device="cuda", model=args.model, batch_size=args.batch_size, steps=1,
                       warmup=0)
     s = replace(s, **parse_mode(args.mode, "cuda", args.steps))
     print(f"== {args.model}, {args.mode}, batch {args.batch_size}, {torch.cuda.get_device_name()}")
-    rows = [measure(s, v, args.steps, args.profiled) for v in args.variants.split(",")]
+    rows = [measure(s, v, args.steps, args.profiled, args.trace_dir)
+            for v in args.variants.split(";" if ";" in args.variants else ",")]
     report(rows, args.top)
 
 

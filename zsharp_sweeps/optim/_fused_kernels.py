@@ -154,12 +154,26 @@ def absz_select0_kernel(g_ptr, z_ptr, seg_ptr, valid_ptr, mean_ptr, std_ptr, his
 
 
 @triton.jit
+def _digit_atomics(hist_ptr, bits, valid, prefix, HIGH: tl.constexpr, SHIFT: tl.constexpr,
+                   NBINS: tl.constexpr):
+    """Add the digit of each valid entry whose bits above ``HIGH`` equal ``prefix``'s to the
+    global histogram, one integer atomic per such entry: the cheap way once few entries
+    share the prefix (the last two digits), where a block histogram costs the same for none."""
+    match = valid & ((bits >> HIGH) == (prefix >> HIGH))
+    digit = (bits >> SHIFT) & (NBINS - 1)
+    tl.atomic_add(hist_ptr + digit, match.to(tl.int32), mask=match)
+
+
+@triton.jit
 def select_pass_kernel(z_ptr, seg_ptr, valid_ptr, first_ptr, rank_ptr, state_ptr, hist_ptr, K,
                        PASS: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                       PREV_SHIFT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr):
+                       PREV_SHIFT: tl.constexpr, SHIFT: tl.constexpr, NBINS: tl.constexpr,
+                       SPARSE: tl.constexpr):
     """Radix pass ``PASS`` (1..3) for both ranks. ``hist_ptr``: int32 ``[passes, 2, K, NBINS]``
     (pass 0 uses rank slot 0 only); ``state_ptr``: int32 ``[passes, 2, 2, K]`` (prefix, rank
-    left), written by each segment's first chunk for the passes after."""
+    left), written by each segment's first chunk for the passes after. Where both ranks share
+    their prefix (nearly always: a_j and a_{j+1} are neighbours) one histogram serves both;
+    ``SPARSE`` passes add per matching entry instead of histogramming every block."""
     row = tl.program_id(0)
     seg = tl.load(seg_ptr + row)
     valid = tl.load(valid_ptr + row)
@@ -187,16 +201,33 @@ def select_pass_kernel(z_ptr, seg_ptr, valid_ptr, first_ptr, rank_ptr, state_ptr
     tl.store(out + K + seg, r0, mask=first)
     tl.store(out + 2 * K + seg, p1, mask=first)
     tl.store(out + 3 * K + seg, r1, mask=first)
-    a0 = tl.zeros([NBINS], dtype=tl.int32)
-    a1 = tl.zeros([NBINS], dtype=tl.int32)
-    for start in tl.static_range(0, CHUNK, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        bits = tl.load(z_ptr + row * CHUNK + offs)
-        a0 += _chunk_histogram(bits, offs < valid, p0, PREV_SHIFT, SHIFT, NBINS)
-        a1 += _chunk_histogram(bits, offs < valid, p1, PREV_SHIFT, SHIFT, NBINS)
     bins = tl.arange(0, NBINS)
-    tl.atomic_add(hist_ptr + (PASS * 2) * K * NBINS + seg * NBINS + bins, a0, mask=a0 != 0)
-    tl.atomic_add(hist_ptr + (PASS * 2 + 1) * K * NBINS + seg * NBINS + bins, a1, mask=a1 != 0)
+    o0 = hist_ptr + (PASS * 2) * K * NBINS + seg * NBINS
+    o1 = hist_ptr + (PASS * 2 + 1) * K * NBINS + seg * NBINS
+    if SPARSE:
+        for start in tl.static_range(0, CHUNK, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            bits = tl.load(z_ptr + row * CHUNK + offs)
+            _digit_atomics(o0, bits, offs < valid, p0, PREV_SHIFT, SHIFT, NBINS)
+            _digit_atomics(o1, bits, offs < valid, p1, PREV_SHIFT, SHIFT, NBINS)
+    else:
+        a0 = tl.zeros([NBINS], dtype=tl.int32)
+        if p0 == p1:
+            for start in tl.static_range(0, CHUNK, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                bits = tl.load(z_ptr + row * CHUNK + offs)
+                a0 += _chunk_histogram(bits, offs < valid, p0, PREV_SHIFT, SHIFT, NBINS)
+            tl.atomic_add(o0 + bins, a0, mask=a0 != 0)
+            tl.atomic_add(o1 + bins, a0, mask=a0 != 0)
+        else:
+            a1 = tl.zeros([NBINS], dtype=tl.int32)
+            for start in tl.static_range(0, CHUNK, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                bits = tl.load(z_ptr + row * CHUNK + offs)
+                a0 += _chunk_histogram(bits, offs < valid, p0, PREV_SHIFT, SHIFT, NBINS)
+                a1 += _chunk_histogram(bits, offs < valid, p1, PREV_SHIFT, SHIFT, NBINS)
+            tl.atomic_add(o0 + bins, a0, mask=a0 != 0)
+            tl.atomic_add(o1 + bins, a1, mask=a1 != 0)
 
 
 @triton.jit

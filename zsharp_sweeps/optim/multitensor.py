@@ -55,6 +55,11 @@ NBINS = 256
 #: The digits of a float32 bit pattern (31 bits, sign clear): (shift, previous digit's shift).
 PASSES = ((16, 24), (8, 16), (0, 8))
 TOP_SHIFT = 24
+#: The first radix pass that adds one atomic per matching entry instead of a block histogram:
+#: after two digits (15 bits) few entries still share the wanted prefix. Measured on an H100
+#: (scripts/profile_step_kernels.py, ViT): a block histogram of 256 bins for both ranks cost
+#: 53 us a pass over 6.2M entries whether or not any entry matched.
+SPARSE_FROM = 2
 #: Elements per Triton block (the packed rows are a multiple of it).
 BLOCK = 1024
 
@@ -321,7 +326,7 @@ def select_threshold(packed: Tensor, bufs: FilterBuffers, block: int | None = No
         k.select_pass_kernel[(n,)](
             absz, layout.chunk_seg, layout.chunk_valid, layout.seg_first_chunk, bufs.ranks,
             bufs.state, bufs.hist, layout.k, PASS=p, CHUNK=chunk, BLOCK=block,
-            PREV_SHIFT=prev, SHIFT=shift, NBINS=NBINS,
+            PREV_SHIFT=prev, SHIFT=shift, NBINS=NBINS, SPARSE=p >= SPARSE_FROM,
         )
     k.select_final_kernel[(layout.k,)](
         bufs.state, bufs.hist, bufs.exact, bufs.selected, layout.k, LAST=len(PASSES),
