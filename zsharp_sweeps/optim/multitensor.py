@@ -28,9 +28,11 @@ ulp and changes the kept set; PyTorch's reduction order depends on the tensor's 
 GPU's SM count, so no multi-tensor kernel can reproduce it), so they stay two kernels per
 tensor, written straight into the filter's buffers (``out=``, no stack). What changes is when
 they run: while a CUDA graph captures the step, :class:`EarlyStats` starts them from a
-post-accumulate-grad hook, on side streams, as soon as each gradient of the backward pass at
-``w`` exists, so in every replay they overlap the rest of the backward pass instead of
-following it. A statistic is used only if its gradient is the same tensor with the same
+post-accumulate-grad hook, on one side stream, as soon as each gradient of the backward pass
+at ``w`` exists, so in every replay they overlap the rest of the backward pass instead of
+following it (one stream: each extra branch of the captured graph widened the gaps between
+all its kernels; a compiled backward, whose gradients all come at its end, turns the hooks
+off: ``ZSharp.gradients_come_together``). A statistic is used only if its gradient is the same tensor with the same
 version counter when ``first_step`` runs; otherwise it is computed again there. Hooks act only
 under capture because eager loops may rewrite gradients in place without bumping the version
 counter (``GradScaler.unscale_`` does exactly that) and a captured step cannot (it would sync
