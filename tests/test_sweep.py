@@ -200,6 +200,7 @@ def test_grid_sweep_that_exhausts_its_grid_finishes_with_plus_keys(cwd: Path) ->
     assert "params.`optimizer.percentile`" in state["selectedColumns"]
 
 
+@pytest.mark.long  # 30 s on 2 cores: make test-long (CI runs it)
 def test_failures_count_over_the_study_not_per_trial(tmp_path: Path) -> None:
     # A diverging lr fails its trial (non-finite loss) but the sequential sweep goes on:
     # 2 of 4 failures are within max_failure_rate=0.5.

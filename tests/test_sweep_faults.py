@@ -73,6 +73,7 @@ def _checkpointed_trials(cwd: Path) -> set[int]:
     return {int(p.relative_to(sweep_dir).parts[0]) for p in sweep_dir.glob("*/checkpoints/*.pt")}
 
 
+@pytest.mark.long  # 37 s on 2 cores: make test-long (CI runs it)
 def test_sigterm_stops_workers_cleanly_and_resume_retries(cwd: Path) -> None:
     keep = "hydra.sweeper.keep_checkpoints=best"
     proc = start_sweep(cwd, "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", keep, *LONG)
