@@ -32,40 +32,30 @@ from typing import Any
 
 import torch
 
-from zsharp_sweeps.bench import BenchSettings, _setup, parse_mode
-from zsharp_sweeps.training.build import build_step
+from zsharp_sweeps.bench import BenchSettings, _make_runner, parse_mode
 
 
 def _runner(s: BenchSettings, variant: str):
     """The trainer's step for ``variant`` (``name[:attr=value,...]``; ``early=off`` stops the
     gradient hooks from starting ZSharp's statistics, ``priority=-1`` puts them on
-    high-priority streams; any other key sets that optimizer attribute), and a function running n steps."""
+    high-priority streams; any other key sets that optimizer attribute), as a function
+    running n steps."""
     name, _, opts = variant.partition(":")
-    cfg, data, model, optimizer = _setup(s, name)
-    for item in filter(None, opts.split(",")):
-        key, value = item.split("=")
-        if key == "early":
-            if value == "off":
-                optimizer._stats_armed = lambda device: False
-        elif key == "priority":  # ZSharp's statistics streams at this CUDA stream priority
-            device = torch.device("cuda", torch.cuda.current_device())
-            optimizer._streams[device] = [torch.cuda.Stream(device, priority=int(value))
-                                          for _ in range(optimizer.stats_streams)]
-        else:
-            setattr(optimizer, key, type(getattr(optimizer, key))(value))
-    step = build_step(cfg, model, optimizer)
 
-    def batches():
-        while True:
-            yield from data.train
+    def prepare(optimizer: torch.optim.Optimizer) -> None:
+        for item in filter(None, opts.split(",")):
+            key, value = item.split("=")
+            if key == "early":
+                if value == "off":
+                    optimizer._stats_armed = lambda device: False
+            elif key == "priority":  # ZSharp's statistics streams at this stream priority
+                device = torch.device("cuda", torch.cuda.current_device())
+                optimizer._streams[device] = [torch.cuda.Stream(device, priority=int(value))
+                                              for _ in range(optimizer.stats_streams)]
+            else:
+                setattr(optimizer, key, type(getattr(optimizer, key))(value))
 
-    stream = batches()
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            step(*next(stream))
-
-    return run
+    return _make_runner(s, name, prepare)[3]
 
 
 def _short(name: str) -> str:

@@ -29,7 +29,7 @@ import multiprocessing as mp
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -126,10 +126,14 @@ def _setup(s: BenchSettings, optimizer_name: str):
     return cfg, data, model, optimizer
 
 
-def _make_runner(s: BenchSettings, optimizer_name: str):
+def _make_runner(s: BenchSettings, optimizer_name: str,
+                 prepare: Callable[[torch.optim.Optimizer], None] | None = None):
     """The trainer's step (``build_step``) for these settings, and a function running n steps
-    on an endless stream of device batches."""
+    on an endless stream of device batches. ``prepare`` may change the optimizer before the
+    step is built (scripts/profile_step_kernels.py's variants)."""
     cfg, data, model, optimizer = _setup(s, optimizer_name)
+    if prepare is not None:
+        prepare(optimizer)
     step: TrainingStep = build_step(cfg, model, optimizer)
 
     def batches():
