@@ -127,13 +127,13 @@ def _setup(s: BenchSettings, optimizer_name: str):
 
 
 def _make_runner(s: BenchSettings, optimizer_name: str,
-                 prepare: Callable[[torch.optim.Optimizer], None] | None = None):
+                 prepare: Callable[[torch.nn.Module, torch.optim.Optimizer], None] | None = None):
     """The trainer's step (``build_step``) for these settings, and a function running n steps
-    on an endless stream of device batches. ``prepare`` may change the optimizer before the
-    step is built (scripts/profile_step_kernels.py's variants)."""
+    on an endless stream of device batches. ``prepare`` may change the model and the
+    optimizer before the step is built (scripts/profile_step_kernels.py's variants)."""
     cfg, data, model, optimizer = _setup(s, optimizer_name)
     if prepare is not None:
-        prepare(optimizer)
+        prepare(model, optimizer)
     step: TrainingStep = build_step(cfg, model, optimizer)
 
     def batches():
