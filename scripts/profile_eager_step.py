@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from zsharp_sweeps.bench import BenchSettings, _make_runner  # noqa: E402
+from zsharp_sweeps.bench import BenchSettings, _make_runner, ms_per_step  # noqa: E402
 
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
               "aten::_local_scalar_dense", "cudaMemcpy ")
@@ -31,13 +30,8 @@ SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchr
 def profile(model: str, name: str, steps: int, top: int) -> None:
     s = BenchSettings(device="cuda", model=model, optimizers=(name,), batch_size=128,
                       steps=steps, warmup=5)
-    _, _, _, run = _make_runner(s, name)
-    run(5)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    run(steps)
-    torch.cuda.synchronize()
-    wall = 1000 * (time.perf_counter() - start) / steps
+    device, _, _, run = _make_runner(s, name)
+    wall = ms_per_step(run, device, steps, warmup=5)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         run(steps)

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import replace
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from zsharp_sweeps.bench import BenchSettings, _make_runner, parse_mode
+from zsharp_sweeps.bench import BenchSettings, _make_runner, ms_per_step, parse_mode
 
 
 def compile_blocks(model: nn.Module) -> int:
@@ -112,12 +111,7 @@ def _union_ms(intervals: list[tuple[float, float]]) -> float:
 def measure(s: BenchSettings, variant: str, steps: int, profiled: int,
             trace_dir: str | None = None) -> dict[str, Any]:
     run = _runner(s, variant)
-    run(8)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    run(steps)
-    torch.cuda.synchronize()
-    wall = 1000 * (time.perf_counter() - start) / steps
+    wall = ms_per_step(run, torch.device(s.device), steps, warmup=8)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run(profiled)
         torch.cuda.synchronize()

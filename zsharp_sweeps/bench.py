@@ -149,22 +149,29 @@ def _make_runner(s: BenchSettings, optimizer_name: str,
     return torch.device(s.device), model, step, run
 
 
-def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
-    """Wall time of ``steps`` full training steps after ``warmup`` untimed ones."""
-    device, model, step, run = _make_runner(s, optimizer_name)
-    run(max(s.warmup, 5 if s.cuda_graph else 0))
+def ms_per_step(run: Callable[[int], None], device: torch.device, steps: int,
+                warmup: int = 0) -> float:
+    """Wall ms per step of ``run(steps)`` after ``run(warmup)`` untimed, the device synced
+    before and after (peak-memory statistics restart after the warm-up)."""
+    run(warmup)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    run(s.steps)
+    run(steps)
     _sync(device)
-    elapsed = time.perf_counter() - start
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def measure_optimizer(s: BenchSettings, optimizer_name: str) -> dict[str, Any]:
+    """Wall time of ``steps`` full training steps after ``warmup`` untimed ones."""
+    device, model, step, run = _make_runner(s, optimizer_name)
+    ms = ms_per_step(run, device, s.steps, max(s.warmup, 5 if s.cuda_graph else 0))
     row = {
         "mode": mode_name(s),
         "optimizer": optimizer_name,
-        "ms_per_step": 1000 * elapsed / s.steps,
-        "images_per_s": s.batch_size * s.steps / elapsed,
+        "ms_per_step": ms,
+        "images_per_s": 1000 * s.batch_size / ms,
         "peak_mem_mib": (torch.cuda.max_memory_allocated(device) / 2**20)
         if device.type == "cuda" else math.nan,
         "num_params": sum(p.numel() for p in model.parameters()),
