@@ -54,15 +54,22 @@ def test_bad_tracking_uri_is_one_line_and_creates_nothing(
     uri: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    line = _refused_tracking_uri(uri, tmp_path, monkeypatch, capsys)
+    assert line.startswith(f"error: MLFLOW_TRACKING_URI='{uri}'")
+    assert expected in line and "allowed" in line.lower()
+
+
+def _refused_tracking_uri(uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> str:
+    """A small run with ``MLFLOW_TRACKING_URI=uri``: refused within the probe's time limit,
+    exit 2, no default store made; returns the one error line."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
     code, stderr = run_main(SMALL_RUN, tmp_path, monkeypatch, capsys)
     assert time.monotonic() - started < HTTP_PROBE_TIMEOUT_S + 5
     assert code == 2
-    line = _one_line(stderr)
-    assert line.startswith(f"error: MLFLOW_TRACKING_URI='{uri}'")
-    assert expected in line and "allowed" in line.lower()
     assert not (tmp_path / "mlruns").exists()
+    return _one_line(stderr)
 
 
 def test_read_only_default_store_is_refused(
@@ -517,15 +524,9 @@ def test_an_http_server_that_is_not_mlflow_is_refused(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """It passed the old probe (any HTTP answer), then MLflow failed with a 404 traceback."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", not_mlflow_server)
-    started = time.monotonic()
-    code, stderr = run_main(SMALL_RUN, tmp_path, monkeypatch, capsys)
-    assert time.monotonic() - started < HTTP_PROBE_TIMEOUT_S + 5
-    assert code == 2
-    line = _one_line(stderr)
+    line = _refused_tracking_uri(not_mlflow_server, tmp_path, monkeypatch, capsys)
     assert line.startswith(f"error: MLFLOW_TRACKING_URI='{not_mlflow_server}' answers, but not "
                            "as an MLflow tracking server (HTTP 404 non-JSON")
-    assert not (tmp_path / "mlruns").exists()
 
 
 @pytest.mark.parametrize("setting", ["MLFLOW_TRACKING_URI", "hydra.sweeper.storage"])
