@@ -53,7 +53,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STUDY = "bench"
 JOIN = re.compile(r"joined study \S+ ([\d.]+)s after launch \(process ([\d.]+)s, study "
-                  r"([\d.]+)s, device ([\d.]+)s\)")
+                  r"([\d.]+)s, device ([\d.]+)s(?:; CUDA was ready before the job: "
+                  r"([\d.]+)s then)?\)")
 
 GPU_OVERRIDES = [
     "hardware=cuda", "hardware.precision=bf16", "hardware.channels_last=true",
@@ -298,11 +299,13 @@ def print_table(title: str, rows: dict[str, dict], base: dict | None = None) -> 
               f"{fixed:>18} {_util(r.get('gpu_util')):>16} {_util(r.get('gpu_util_steady')):>16}")
     print("  per sweep: first trial starts / last ends (s after the command); epoch 1 and later "
           "epochs' training s; evaluation + sharpness s per epoch; workers joined (s after "
-          "launch: process, study, device)")
+          "launch: process, study, device; CUDA started before the job came, s)")
     for name, r in rows.items():
         if "trials_per_hour" not in r:
             continue
-        joins = "; ".join(f"{j[0]} ({j[1]}, {j[2]}, {j[3]})" for j in r.get("joins", []))
+        joins = "; ".join(f"{j[0]} ({j[1]}, {j[2]}, {j[3]}"
+                          + (f"; CUDA {j[4]} before" if j[4] else "") + ")"
+                          for j in r.get("joins", []))
         print(f"  {name}: {_fmt(r.get('before_first_trial_s'), '.1f')} / "
               f"{_fmt(r['wall_s'] - (r.get('after_last_trial_s') or 0), '.1f')}; train "
               f"{_fmt(r.get('epoch1_train_s'), '.2f')} / {_fmt(r.get('epoch_later_train_s'), '.2f')}"

@@ -380,6 +380,84 @@ def test_prestarted_worker_processes_wait_for_a_job_and_end_when_discarded() -> 
     assert not set(multiprocessing.active_children()) - before
 
 
+def _mark_slot(folder: Path, slot: int) -> None:
+    (folder / f"slot{slot}").write_text(str(os.getpid()))
+
+
+def test_each_prestarted_process_warms_up_for_the_job_it_will_get(tmp_path: Path) -> None:
+    """``warm(i)`` runs in the i-th prestarted process before any job comes, and that
+    process is the one ``launch`` hands its i-th job (the order of ``_idle``); a top-up
+    for a larger launch (as ``launch`` calls it) warms its new process as the next slot."""
+    from hydra_plugins.zsharp_workers_launcher.launcher import WorkersLauncher
+
+    launcher = WorkersLauncher(start_method="fork")
+    try:
+        launcher.prestart(2, warm=functools.partial(_mark_slot, tmp_path))
+        launcher.prestart(3, launcher._preload, launcher._warm)  # launch's top-up
+        deadline = time.time() + 30
+        while len(list(tmp_path.glob("slot*"))) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert {p.name: int(p.read_text()) for p in tmp_path.glob("slot*")} == {
+            f"slot{i}": slot.proc.pid for i, slot in enumerate(launcher._idle)}
+    finally:
+        launcher.discard()
+
+
+def test_a_failed_warm_up_leaves_the_process_waiting_for_its_job(tmp_path: Path) -> None:
+    from hydra_plugins.zsharp_workers_launcher.launcher import WorkersLauncher
+
+    launcher = WorkersLauncher(start_method="fork")
+    launcher.prestart(1, warm=functools.partial(_mark_slot, tmp_path / "missing"))
+    (proc,) = [slot.proc for slot in launcher._idle]
+    time.sleep(1.0)
+    assert proc.is_alive()  # it still waits for its job
+    launcher.discard()
+    assert proc.exitcode == 0
+
+
+def test_the_sweeper_prestarts_each_worker_on_the_device_its_job_will_have(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four workers, two per GPU: the processes started before the study exists are told
+    the devices ``HostPlan.device_for`` gives their jobs, in launch order."""
+    from types import SimpleNamespace
+
+    from hydra_plugins.zsharp_optuna_sweeper.sweeper import WORKER_MODULES, ZSharpOptunaSweeper
+    from zsharp_sweeps.sweep.placement import prepin_slot
+
+    calls: list[tuple] = []
+
+    class Launcher:
+        def prestart(self, n_workers, preload=(), warm=None):
+            calls.append(("prestart", n_workers, tuple(preload), warm))
+
+        def discard(self):
+            calls.append(("discard",))
+
+    sweeper = ZSharpOptunaSweeper(sampler=None, direction="maximize", storage=None,
+                                  study_name=None, n_trials=8, n_jobs=4,
+                                  max_failure_rate=0.0, custom_search_space=None, params=None,
+                                  devices=["cuda:0", "cuda:1"])
+    sweeper.launcher = Launcher()
+    sweeper.app = SimpleNamespace(hardware=SimpleNamespace(device="cuda", trials_per_gpu=2))
+    for name in ("_check_urls", "_check_configs", "_check_devices", "_warn_recipe_conflicts"):
+        monkeypatch.setattr(sweeper, name, lambda *args: None)
+    monkeypatch.setattr(sweeper, "_search_space",
+                        lambda arguments: (SimpleNamespace(pinned=[], fixed=[]), None))
+    monkeypatch.setattr(sweeper, "_storage_url", lambda: "sqlite://")
+    monkeypatch.setattr(sweeper, "_sweep",
+                        lambda *args: calls.append(("sweep", args[-1])))
+    sweeper._set_up_and_sweep([], stop=None)
+    (_, n, preload, warm), sweep, discard = calls
+    assert (n, preload) == (4, WORKER_MODULES)
+    labels = ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert warm.func is prepin_slot and warm.args == (labels,)
+    plan = HostPlan(devices=["cuda:0", "cuda:1"], trials_per_device=2, main_pid=0,
+                    stop_file="")
+    assert labels == [plan.device_for(i) for i in range(4)]
+    assert sweep == ("sweep", ["cuda:0", "cuda:1"]) and discard == ("discard",)
+
+
 def test_a_worker_forked_after_cuda_started_says_to_spawn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

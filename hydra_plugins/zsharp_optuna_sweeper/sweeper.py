@@ -68,8 +68,8 @@ from zsharp_sweeps.config import (
 from zsharp_sweeps.sweep.checks import check_separate_stores, check_sweeper_settings
 from zsharp_sweeps.sweep.keep import check_keep, prune_checkpoints
 from zsharp_sweeps.sweep.lifecycle import StopRequest
-from zsharp_sweeps.sweep.placement import gpu_uuids
-from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan
+from zsharp_sweeps.sweep.placement import gpu_uuids, prepin_slot
+from zsharp_sweeps.sweep.plan import HostPlan, StudyPlan, device_for
 from zsharp_sweeps.sweep.progress import counted_trials, progress
 from zsharp_sweeps.sweep.protocols import ChecksConfig, PrestartingLauncher
 from zsharp_sweeps.sweep.quiet import optuna_experimental
@@ -386,6 +386,9 @@ class ZSharpOptunaSweeper(Sweeper):
         if old_space is None:
             study.set_user_attr(SPACE_ATTR, swept)
 
+    def _trials_per_device(self) -> int:
+        return self.app.hardware.trials_per_gpu if self.app.hardware else 1
+
     def _devices(self) -> list[str]:
         if self.devices:
             return self.devices
@@ -530,19 +533,24 @@ class ZSharpOptunaSweeper(Sweeper):
         self._check_configs(space)
         self._check_devices(arguments)
         self._warn_recipe_conflicts(space)
-        # The launcher's worker processes start now (zsharp_workers: imports take seconds),
-        # while the study and the MLflow parent run are set up; they get the plans at launch.
+        devices = self._devices()  # NVML only: CUDA must not start in this process yet
+        # The launcher's worker processes start now (zsharp_workers: imports take seconds;
+        # each then starts CUDA on its GPU), while the study and the MLflow parent run are
+        # set up; they get the plans at launch.
         prestarting = isinstance(self.launcher, PrestartingLauncher) and self.n_jobs > 1
         if prestarting:
-            self.launcher.prestart(self.n_jobs, preload=WORKER_MODULES)
+            labels = [device_for(devices, self._trials_per_device(), i)
+                      for i in range(self.n_jobs)]
+            self.launcher.prestart(self.n_jobs, preload=WORKER_MODULES,
+                                   warm=functools.partial(prepin_slot, labels))
         try:
-            self._sweep(storage, space, grid, stop)
+            self._sweep(storage, space, grid, stop, devices)
         finally:
             if prestarting:
                 self.launcher.discard()
 
     def _sweep(self, storage: str, space: SearchSpace, grid: dict | None,
-               stop: StopRequest) -> None:
+               stop: StopRequest, devices: list[str]) -> None:
         assert self.job is not None
         if sqlite_path(storage) is not None:
             sqlite_path(storage).parent.mkdir(parents=True, exist_ok=True)
@@ -568,7 +576,6 @@ class ZSharpOptunaSweeper(Sweeper):
         # MLflow opens (creates, migrates) its store: a Ctrl-C is acted on once it is done.
         with stop.deferred():
             tracker = self._tracker()
-            devices = self._devices()  # before the parent run: CUDA's start can take seconds
         status, error = "FAILED", None
         try:  # from here on the parent run ends KILLED/FAILED/FINISHED whatever happens
             with stop.deferred():  # a Ctrl-C here waits for the run to be recorded
@@ -594,7 +601,7 @@ class ZSharpOptunaSweeper(Sweeper):
             )
             self.job.host = HostPlan(
                 devices=devices,
-                trials_per_device=self.app.hardware.trials_per_gpu if self.app.hardware else 1,
+                trials_per_device=self._trials_per_device(),
                 main_pid=os.getpid(), stop_file=str(stop.stop_file),
                 main_host=socket.gethostname(), device_uuids=gpu_uuids(devices),
                 workers=max(1, self.n_jobs), share_cores=self.app.hardware is not None,

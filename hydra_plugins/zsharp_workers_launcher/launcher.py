@@ -17,7 +17,8 @@ apart. Here a process starts with nothing but its two pipes (job in, result out)
 them at once, and gets its job through the pipe. ``prestart`` starts them before the sweep
 has a study: forked where that is safe (``fork_is_safe``: torch and the project are then
 imported already), spawned otherwise, importing what the job needs while the sweeper sets
-up.
+up, and running the sweeper's ``warm`` hook (this project's: start CUDA on the card the job
+will name, ``zsharp_sweeps.sweep.placement.prepin``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -68,11 +69,12 @@ def _run(idx: int, overrides: list[str], hydra_context: HydraContext, config: Di
 
 
 def _execute(jobs: Connection, results: Connection, preload: tuple[str, ...] = (),
-             inherited: tuple[Connection, ...] = ()) -> None:
-    """In the worker process: import what the job will need, wait for the job, rebuild
-    Hydra's state, run the job, send back its return. ``inherited``: the launcher's ends of
-    every worker's pipes, which a forked child holds copies of; closed here, or no worker
-    would see its job pipe close when the sweep no longer needs it."""
+             inherited: tuple[Connection, ...] = (),
+             warm: Callable[[int], None] | None = None, slot: int = 0) -> None:
+    """In the worker process: import what the job will need, run ``warm(slot)``, wait for
+    the job, rebuild Hydra's state, run the job, send back its return. ``inherited``: the
+    launcher's ends of every worker's pipes, which a forked child holds copies of; closed
+    here, or no worker would see its job pipe close when the sweep no longer needs it."""
     for conn in inherited:
         conn.close()
     # A forked worker inherits the sweep's own signal handlers (its set-up's StopRequest):
@@ -83,6 +85,12 @@ def _execute(jobs: Connection, results: Connection, preload: tuple[str, ...] = (
         for name in preload:  # while the sweeper is still setting up: off the critical path
             with contextlib.suppress(ImportError):
                 importlib.import_module(name)
+        if warm is not None:
+            try:
+                warm(slot)
+            except Exception as exc:  # a warm-up is an optimisation: the job still runs
+                log.warning(f"worker process {os.getpid()}: warm-up before its job failed "
+                            f"({type(exc).__name__}: {exc})")
         payload = jobs.recv_bytes()
     except EOFError:  # the sweep ended (or failed) before it needed this worker
         return
@@ -151,17 +159,22 @@ class WorkersLauncher(Launcher, PrestartingLauncher):
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
         self._idle: list[_Slot] = []
+        self._preload: tuple[str, ...] = ()
+        self._warm: Callable[[int], None] | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
-    def prestart(self, n_workers: int, preload: Sequence[str] = ()) -> None:
-        """Start ``n_workers`` processes now, each importing the modules in ``preload``;
-        ``launch`` hands them their jobs. Those it does not use end when ``discard`` (or this
-        process's exit) closes their pipes."""
+    def prestart(self, n_workers: int, preload: Sequence[str] = (),
+                 warm: Callable[[int], None] | None = None) -> None:
+        """Start ``n_workers`` processes now, each importing the modules in ``preload`` and
+        then calling ``warm(i)``, i its place in the start order; ``launch`` hands the i-th
+        of them its i-th job. Those it does not use end when ``discard`` (or this process's
+        exit) closes their pipes."""
+        self._preload, self._warm = tuple(preload), warm
         while len(self._idle) < n_workers:
-            self._idle.append(self._start(tuple(preload)))
+            self._idle.append(self._start(len(self._idle)))
 
     def discard(self) -> None:
         """Let the processes that got no job end."""
@@ -172,7 +185,7 @@ class WorkersLauncher(Launcher, PrestartingLauncher):
             slot.proc.join(timeout=10)
             slot.results.close()
 
-    def _start(self, preload: tuple[str, ...] = ()) -> _Slot:
+    def _start(self, slot: int) -> _Slot:
         # Each process has its own pipes, so forked and spawned workers can mix (a queue
         # shared between them could not).
         fork = self.start_method == "fork" or (self.start_method == "auto" and fork_is_safe())
@@ -181,7 +194,8 @@ class WorkersLauncher(Launcher, PrestartingLauncher):
         result_out, result_in = ctx.Pipe(duplex=False)
         inherited = ((job_in, result_out, *(c for s in self._idle for c in (s.jobs, s.results)))
                      if fork else ())
-        proc = ctx.Process(target=_execute, args=(job_out, result_in, preload, inherited),
+        proc = ctx.Process(target=_execute, args=(job_out, result_in, self._preload, inherited,
+                                                  self._warm, slot),
                            name="zsharp-worker")
         proc.start()
         log.debug(f"worker process {proc.pid} {'forked' if fork else 'spawned'}")
@@ -202,7 +216,7 @@ class WorkersLauncher(Launcher, PrestartingLauncher):
                              self.config, self.task_function)]
             finally:
                 Singleton.set_state(state)
-        self.prestart(len(job_overrides))
+        self.prestart(len(job_overrides), self._preload, self._warm)
         slots, self._idle = self._idle[: len(job_overrides)], self._idle[len(job_overrides):]
         self.discard()
         state = Singleton.get_state()

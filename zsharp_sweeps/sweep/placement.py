@@ -15,13 +15,22 @@ UUIDs, not indices: they name the same card whatever ``CUDA_VISIBLE_DEVICES`` th
 started with. Whether the restriction took is checked, not assumed: if CUDA was already
 initialised in the process (the variable is then ignored), the worker finds its card by UUID
 among those it sees, and says so.
+
+Started before its job: a worker process that the launcher starts while the sweeper is still
+setting up (``prestart``) already knows which card its job will name, so it restricts itself
+to that card and starts CUDA, cuBLAS and cuDNN then (``prepin``), off the sweep's critical
+path; ``pin_gpu`` then finds the card ready and checks it is the one the job names.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 
@@ -52,6 +61,95 @@ class Pinned:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Prepinned:
+    """A card this process restricted itself to and started CUDA on before its job came:
+    the sweep's name for it, what the process computes on, and how long the start took."""
+
+    label: str
+    pinned: Pinned
+    seconds: float
+
+
+#: Set by ``prepin`` in a prestarted worker process; ``pin_gpu`` uses it.
+_prepinned: Prepinned | None = None
+
+
+def visible_entry(label: str) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` value that leaves a child of this process only the card
+    this process calls ``label`` (``cuda:N``): the N-th entry of this process's own list
+    (indices, UUIDs or MIG names), or N if it has none. CUDA numbers the cards it sees in
+    the list's order, so this names the same card without starting CUDA here (the
+    sweep's process must not: its workers are forked from it)."""
+    index = int(label[5:])
+    listed = os.environ.get(VISIBLE)
+    if listed is None:
+        return str(index)
+    entries = [e.strip() for e in listed.split(",") if e.strip()]
+    if index >= len(entries):
+        raise ValueError(f"{label}: {VISIBLE}={listed!r} names {len(entries)} card(s)")
+    return entries[index]
+
+
+def prepin(label: str) -> Prepinned | None:
+    """In a worker process started before its job (``prestart``), whose job will compute on
+    ``label``: see only that card, start CUDA on it and load cuBLAS and cuDNN with a tiny
+    matmul and convolution, while the sweeper sets up (measured 0.2-0.8 s per worker on
+    2- and 4-GPU hosts, docs/benchmarks.md). Does nothing off CUDA or where CUDA has started
+    in this process already; a failure leaves the process as it was (the job's own
+    ``pin_gpu`` then meets the problem and reports it)."""
+    global _prepinned
+    if not label.startswith("cuda:"):
+        return None
+    import torch
+
+    if torch.cuda.is_initialized() or _prepinned is not None:
+        return None
+    started = time.perf_counter()
+    previous = os.environ.get(VISIBLE)
+    try:
+        os.environ[VISIBLE] = visible_entry(label)
+        uuid = _uuid(torch.cuda.get_device_properties(0))
+        torch.cuda.set_device(0)
+        _load_libraries(torch.device("cuda", 0))
+    except Exception as exc:  # no usable card: the job's pin_gpu reports it
+        if not torch.cuda.is_initialized():
+            if previous is None:
+                os.environ.pop(VISIBLE, None)
+            else:
+                os.environ[VISIBLE] = previous
+        log.debug(f"{label}: CUDA not started before the job ({exc!r})")
+        return None
+    _prepinned = Prepinned(label, Pinned("cuda:0", uuid, isolated=True),
+                           time.perf_counter() - started)
+    return _prepinned
+
+
+def prepin_slot(labels: Sequence[str], slot: int) -> None:
+    """``prepin`` for the ``slot``-th prestarted process: its job is the ``slot``-th of the
+    launch (the launcher's ``prestart`` contract), which computes on ``labels[slot]``."""
+    if slot < len(labels):
+        prepin(labels[slot])
+
+
+def _load_libraries(device) -> None:
+    """One tiny matmul and convolution in float32 and bfloat16: the CUDA context, cuBLAS(Lt)
+    handles and workspaces and cuDNN's handle come up now, not in the job's first step."""
+    import torch
+    import torch.nn.functional as F
+
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.ones(8, 8, device=device, dtype=dtype)
+        (a @ a).sum().item()
+        x = torch.ones(1, 3, 8, 8, device=device, dtype=dtype)
+        F.conv2d(x, torch.ones(4, 3, 3, 3, device=device, dtype=dtype)).sum().item()
+
+
+def prepinned() -> Prepinned | None:
+    """The card ``prepin`` started in this process, if any."""
+    return _prepinned
+
+
 def pin_gpu(label: str, uuid: str | None, *, own_process: bool) -> Pinned:
     """Make ``label``'s GPU (``cuda:N``) this process's current device; returns the device
     to compute on.
@@ -62,6 +160,18 @@ def pin_gpu(label: str, uuid: str | None, *, own_process: bool) -> Pinned:
     if not label.startswith("cuda:"):  # a CPU worker: nothing to pin
         return Pinned(label, None, isolated=False)
     import torch
+
+    early = _prepinned
+    if early is not None:
+        if early.label != label or (uuid is not None and early.pinned.uuid != uuid):
+            raise RuntimeError(
+                f"this worker process started CUDA on {early.label} ({early.pinned.uuid}) "
+                f"before its job came, but the job computes on {label} ({uuid}): "
+                f"{VISIBLE} changed in the sweep's process after it started (set it before "
+                "the sweep starts), or the launcher handed jobs to other processes than "
+                "it prestarted for them")
+        torch.cuda.set_device(0)
+        return early.pinned
 
     index, isolated, note = int(label[5:]), False, ""
     if own_process and uuid and not torch.cuda.is_initialized():

@@ -73,4 +73,10 @@ class HostPlan:
     launched_at: float = 0.0
 
     def device_for(self, worker_index: int) -> str:
-        return self.devices[(worker_index // self.trials_per_device) % len(self.devices)]
+        return device_for(self.devices, self.trials_per_device, worker_index)
+
+
+def device_for(devices: list[str], trials_per_device: int, worker_index: int) -> str:
+    """The device worker ``worker_index`` of a host computes on, for its whole life:
+    ``trials_per_device`` consecutive workers share each device, round the list."""
+    return devices[(worker_index // trials_per_device) % len(devices)]

@@ -6,7 +6,7 @@ Hydra launcher and any task function work without them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from omegaconf import DictConfig
@@ -17,12 +17,15 @@ class PrestartingLauncher(Protocol):
     """A launcher that can start its worker processes before it has their jobs.
 
     The sweeper calls ``prestart`` as soon as the configs are checked, so the processes'
-    start (and the imports in ``preload``) overlaps the study's and the MLflow parent run's
-    set-up; ``launch`` then hands them their jobs. ``discard`` lets the processes that got
-    no job end (the sweep failed or was interrupted first); it is always called.
+    start (the imports in ``preload``, then ``warm(i)`` in the i-th process: this project
+    starts CUDA there on the card its job will name) overlaps the study's and the MLflow
+    parent run's set-up; ``launch`` then hands the i-th process its i-th job. ``discard``
+    lets the processes that got no job end (the sweep failed or was interrupted first); it
+    is always called.
     """
 
-    def prestart(self, n_workers: int, preload: Sequence[str] = ()) -> None: ...
+    def prestart(self, n_workers: int, preload: Sequence[str] = (),
+                 warm: Callable[[int], None] | None = None) -> None: ...
 
     def discard(self) -> None: ...
 

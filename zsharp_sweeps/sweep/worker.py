@@ -203,6 +203,8 @@ class Worker:
         self._current: int | None = None
         self._started = self._loaded = time.time()
         self.warmup_s = 0.0  # training steps before the first trial (training/warmup.py)
+        #: CUDA started on the card before the job came (``placement.prepin``), seconds
+        self.device_started_early_s: float | None = None
 
     @classmethod
     def join(cls, job: WorkerJob, index: int) -> Worker:
@@ -222,6 +224,12 @@ class Worker:
         return worker
 
     @property
+    def _early_device(self) -> str:
+        if self.device_started_early_s is None:
+            return ""
+        return f"; CUDA was ready before the job: {self.device_started_early_s:.1f}s then"
+
+    @property
     def label(self) -> str:
         return f"{self.host}/{self.index}"
 
@@ -236,8 +244,8 @@ class Worker:
         # host should join together; one that lags shows which step queued.
         since = (f" {ready - launched:.1f}s after launch (process "
                  f"{self._started - launched:.1f}s, study "
-                 f"{self._loaded - self._started:.1f}s, device {ready - self._loaded:.1f}s)"
-                 if launched else "")
+                 f"{self._loaded - self._started:.1f}s, device {ready - self._loaded:.1f}s"
+                 f"{self._early_device})" if launched else "")
         log.info(f"Worker {self.label} on {self.device}{where} joined study "
                  f"{self.plan.study_name}{since}")
         stopped = None
@@ -320,7 +328,7 @@ class Worker:
         its workers. Returns a note for the log line."""
         notes = []
         if self.device.startswith("cuda:"):
-            from zsharp_sweeps.sweep.placement import pin_gpu
+            from zsharp_sweeps.sweep.placement import pin_gpu, prepinned
 
             try:
                 pinned = pin_gpu(self.device, self.host_plan.device_uuids.get(self.device),
@@ -334,6 +342,9 @@ class Worker:
                     "workers started): rerun with hydra.launcher.start_method=spawn"
                 ) from exc
             self.compute_device, self.gpu = pinned.device, pinned.uuid
+            early = prepinned()
+            if early is not None:
+                self.device_started_early_s = early.seconds
             if pinned.note:
                 log.warning(f"Worker {self.label}: {pinned.note}")
             if pinned.isolated:
