@@ -238,3 +238,19 @@ def test_prestart_does_nothing_off_cuda_past_the_slots_or_once_cuda_started(
     prepin_slot(["cpu", "cpu:1"], 1)
     assert prepinned() is None and loaded == [] and cuda.current is None
     assert VISIBLE not in os.environ
+
+
+def test_a_library_that_fails_to_load_still_leaves_the_process_on_its_card(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CUDA started on the job's card before cuDNN failed to load: the job must compute on
+    that card (it can no longer see another), so the pin stands."""
+    def broken(device: torch.device) -> None:
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_INITIALIZED")
+
+    monkeypatch.setattr(placement, "_load_libraries", broken)
+    FakeCuda(monkeypatch)
+    early = prepin("cuda:2")
+    assert early is not None and early.pinned.uuid == "GPU-cccc"
+    assert os.environ[VISIBLE] == "2"
+    assert pin_gpu("cuda:2", "GPU-cccc", own_process=True) is early.pinned

@@ -28,7 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,6 @@ def prepin(label: str) -> Prepinned | None:
         os.environ[VISIBLE] = visible_entry(label)
         uuid = _uuid(torch.cuda.get_device_properties(0))
         torch.cuda.set_device(0)
-        _load_libraries(torch.device("cuda", 0))
     except Exception as exc:  # no usable card: the job's pin_gpu reports it
         if not torch.cuda.is_initialized():
             if previous is None:
@@ -120,8 +119,13 @@ def prepin(label: str) -> Prepinned | None:
                 os.environ[VISIBLE] = previous
         log.debug(f"{label}: CUDA not started before the job ({exc!r})")
         return None
-    _prepinned = Prepinned(label, Pinned("cuda:0", uuid, isolated=True),
-                           time.perf_counter() - started)
+    # CUDA runs on the job's card now: whatever happens next, the job must compute there.
+    _prepinned = Prepinned(label, Pinned("cuda:0", uuid, isolated=True), 0.0)
+    try:
+        _load_libraries(torch.device("cuda", 0))
+    except Exception as exc:  # the job's first steps load them, or meet the problem
+        log.debug(f"{label}: cuBLAS/cuDNN not loaded before the job ({exc!r})")
+    _prepinned = replace(_prepinned, seconds=time.perf_counter() - started)
     return _prepinned
 
 
