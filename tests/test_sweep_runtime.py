@@ -393,7 +393,7 @@ def test_each_prestarted_process_warms_up_for_the_job_it_will_get(tmp_path: Path
     launcher = WorkersLauncher(start_method="fork")
     try:
         launcher.prestart(2, warm=functools.partial(_mark_slot, tmp_path))
-        launcher.prestart(3, launcher._preload, launcher._warm)  # launch's top-up
+        launcher._fill(3)  # launch's top-up
         deadline = time.time() + 30
         while len(list(tmp_path.glob("slot*"))) < 3 and time.time() < deadline:
             time.sleep(0.05)
@@ -456,6 +456,31 @@ def test_the_sweeper_prestarts_each_worker_on_the_device_its_job_will_have(
                     stop_file="")
     assert labels == [plan.device_for(i) for i in range(4)]
     assert sweep == ("sweep", ["cuda:0", "cuda:1"]) and discard == ("discard",)
+
+
+def test_the_join_line_says_how_long_cuda_took_before_the_job(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose process started CUDA before its job says so in its join line, in the
+    form scripts/sweep_scaling.py reads; one that did not adds nothing."""
+    import importlib.util
+
+    import zsharp_sweeps.sweep.placement as placement
+
+    spec = importlib.util.spec_from_file_location(
+        "sweep_scaling", Path(__file__).resolve().parents[1] / "scripts" / "sweep_scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    line = ("Worker vm/0 on cuda:0 joined study bench 1.1s after launch (process 0.4s, "
+            "study 0.7s, device 0.0s{})")
+    monkeypatch.setattr(placement, "_prepinned", None)
+    assert Worker._early_device.fget(None) == ""
+    assert scaling.JOIN.findall(line.format("")) == [("1.1", "0.4", "0.7", "0.0", "")]
+    monkeypatch.setattr(placement, "_prepinned", placement.Prepinned(
+        "cuda:0", placement.Pinned("cuda:0", "GPU-aaaa", isolated=True), 0.87))
+    note = Worker._early_device.fget(None)
+    assert note == "; CUDA was ready before the job: 0.9s then"
+    assert scaling.JOIN.findall(line.format(note)) == [("1.1", "0.4", "0.7", "0.0", "0.9")]
 
 
 def test_a_worker_forked_after_cuda_started_says_to_spawn(

@@ -173,6 +173,11 @@ class WorkersLauncher(Launcher, PrestartingLauncher):
         of them its i-th job. Those it does not use end when ``discard`` (or this process's
         exit) closes their pipes."""
         self._preload, self._warm = tuple(preload), warm
+        self._fill(n_workers)
+
+    def _fill(self, n_workers: int) -> None:
+        """Start processes (with the last ``prestart``'s preload and warm-up) until
+        ``n_workers`` wait for a job; the i-th of them warms up as ``warm(i)``."""
         while len(self._idle) < n_workers:
             self._idle.append(self._start(len(self._idle)))
 
@@ -216,7 +221,7 @@ class WorkersLauncher(Launcher, PrestartingLauncher):
                              self.config, self.task_function)]
             finally:
                 Singleton.set_state(state)
-        self.prestart(len(job_overrides), self._preload, self._warm)
+        self._fill(len(job_overrides))
         slots, self._idle = self._idle[: len(job_overrides)], self._idle[len(job_overrides):]
         self.discard()
         state = Singleton.get_state()

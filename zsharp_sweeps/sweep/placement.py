@@ -28,7 +28,11 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +124,12 @@ def prepin(label: str) -> Prepinned | None:
         log.debug(f"{label}: CUDA not started before the job ({exc!r})")
         return None
     # CUDA runs on the job's card now: whatever happens next, the job must compute there.
-    _prepinned = Prepinned(label, Pinned("cuda:0", uuid, isolated=True), 0.0)
     try:
         _load_libraries(torch.device("cuda", 0))
     except Exception as exc:  # the job's first steps load them, or meet the problem
         log.debug(f"{label}: cuBLAS/cuDNN not loaded before the job ({exc!r})")
-    _prepinned = replace(_prepinned, seconds=time.perf_counter() - started)
+    _prepinned = Prepinned(label, Pinned("cuda:0", uuid, isolated=True),
+                           time.perf_counter() - started)
     return _prepinned
 
 
@@ -136,7 +140,7 @@ def prepin_slot(labels: Sequence[str], slot: int) -> None:
         prepin(labels[slot])
 
 
-def _load_libraries(device) -> None:
+def _load_libraries(device: torch.device) -> None:
     """One tiny matmul and convolution in float32 and bfloat16: the CUDA context, cuBLAS(Lt)
     handles and workspaces and cuDNN's handle come up now, not in the job's first step."""
     import torch

@@ -203,8 +203,6 @@ class Worker:
         self._current: int | None = None
         self._started = self._loaded = time.time()
         self.warmup_s = 0.0  # training steps before the first trial (training/warmup.py)
-        #: CUDA started on the card before the job came (``placement.prepin``), seconds
-        self.device_started_early_s: float | None = None
 
     @classmethod
     def join(cls, job: WorkerJob, index: int) -> Worker:
@@ -225,9 +223,12 @@ class Worker:
 
     @property
     def _early_device(self) -> str:
-        if self.device_started_early_s is None:
-            return ""
-        return f"; CUDA was ready before the job: {self.device_started_early_s:.1f}s then"
+        """How long this process took to start CUDA before its job came, for the join line
+        (``placement.prepin``; empty where it did not)."""
+        from zsharp_sweeps.sweep.placement import prepinned
+
+        early = prepinned()
+        return f"; CUDA was ready before the job: {early.seconds:.1f}s then" if early else ""
 
     @property
     def label(self) -> str:
@@ -328,7 +329,7 @@ class Worker:
         its workers. Returns a note for the log line."""
         notes = []
         if self.device.startswith("cuda:"):
-            from zsharp_sweeps.sweep.placement import pin_gpu, prepinned
+            from zsharp_sweeps.sweep.placement import pin_gpu
 
             try:
                 pinned = pin_gpu(self.device, self.host_plan.device_uuids.get(self.device),
@@ -342,9 +343,6 @@ class Worker:
                     "workers started): rerun with hydra.launcher.start_method=spawn"
                 ) from exc
             self.compute_device, self.gpu = pinned.device, pinned.uuid
-            early = prepinned()
-            if early is not None:
-                self.device_started_early_s = early.seconds
             if pinned.note:
                 log.warning(f"Worker {self.label}: {pinned.note}")
             if pinned.isolated:
